@@ -1,0 +1,180 @@
+"""``make bench``: throughput figures for the scripts, printed as one table and written as JSON.
+
+    python -m common.bench                        # CPU: small configurations, synthetic data
+    python -m common.bench --data ../shared/data/coco128 --device cuda
+
+For each training workload (a short run of the real script): train samples/s, peak memory (GPU
+max_memory_allocated, or the process' peak RSS on the CPU) and the share of step time spent waiting
+for data, all read from the run's own log.txt; the ratio to fine-tuning the same detector at 1333x800
+in the same bench run. For each data pipeline: loader-only items/s in ONE process (= per worker).
+Plus the engine overhead: one training step through ``common.engine.Run`` against the same
+torchvision model stepped in a bare loop on the same batch. Nothing here is asserted: figures only.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import coco, engine, loader, transforms  # noqa: E402
+from common.detectors import build_detector  # noqa: E402
+
+CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--rpn-batch-size", "64",
+           "--roi-batch-size", "64", "--rpn-post-nms-train", "300", "--rpn-post-nms-test", "100"]
+
+
+def workloads(device, data_flags):
+    """(name, script, args, reference) for each training workload; reference = the workload it is
+    compared with (fine-tuning the same detector at 1333x800)."""
+    on_gpu = device == "cuda"
+    small = [] if on_gpu else CPU_DET
+    iters = 30 if on_gpu else 6
+    common = ["--device", device, "--no-tb", "--print-freq", "1", "--max-iters", str(iters), *data_flags]
+    ft = ["--init", "scratch", "--warmup-iters", "1"]
+    out = []
+    for det in ("fasterrcnn", "maskrcnn", "retinanet", "fcos"):
+        big = ["--backbone", "resnet50", "--preset", "800", "--batch-size", "4" if on_gpu else "2"]
+        out.append((f"finetune {det} 1333x800", "finetune.py",
+                    ft + ["--detector", det] + big + common[:-2] + ["--max-iters", str(iters if on_gpu else 3)],
+                    None))
+        if not on_gpu:
+            out.append((f"finetune {det} cpu", "finetune.py", ft + ["--detector", det, "--batch-size", "4"]
+                        + small + common, f"finetune {det} 1333x800"))
+    return out
+
+
+def run_workload(script, args, workers):
+    """Runs a script for a few iterations; returns the figures of its last log.txt epoch record."""
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, script, *args, "--workers", str(workers), "--output-dir", out]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        records = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+        last = [r for r in records if "epoch" in r][-1]
+        return {k: last[k] for k in ("samples_per_s", "peak_mem_mb", "data_time_share")}
+
+
+def loader_throughput(dataset, n=64):
+    """Items per second of ``dataset`` (transforms included) in one process: the per-worker figure."""
+    seeded = loader.SeededDataset(dataset)
+    for i in range(3):
+        seeded[(i, i)]
+    t = time.perf_counter()
+    for i in range(n):
+        seeded[(i % len(dataset), i)]
+    return n / (time.perf_counter() - t)
+
+
+def engine_overhead(data, steps=4, rounds=3):
+    """Median step time through Run.step / the same step in a bare loop, on one fixed CPU batch."""
+    ds = coco.CocoDetection(data.train_images, data.train_ann, transforms.detection_train("cpu"), keep_empty=False)
+    images, targets = loader.collate_detection([ds[i] for i in range(4)])
+    images, targets = transforms.to_float_batch(images, torch.device("cpu")), engine.targets_to(targets, "cpu")
+    kw = dict(rpn_batch_size_per_image=64, box_batch_size_per_image=64, rpn_pre_nms_top_n_train=300,
+              rpn_post_nms_top_n_train=300)
+    model = build_detector("fasterrcnn", ds.num_classes, "resnet18", "bn", trainable_layers=5, **kw)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    import finetune
+    with tempfile.TemporaryDirectory() as out:
+        args = finetune.get_args_parser().parse_args(["--output-dir", out, "--no-tb", "--device", "cpu"])
+        run = engine.Run(args, model, opt, iters_per_epoch=100, max_iters=100, samples_per_iter=4,
+                         device=torch.device("cpu"), method="bench")
+
+        def bare(seed):
+            torch.manual_seed(seed)
+            losses = model(images, targets)
+            sum(losses.values()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def ours(seed):
+            torch.manual_seed(seed)
+            run.set_lr(1e-4)
+            with run.autocast():
+                losses = model(images, targets)
+            run.step(losses)
+
+        times = {"bare": [], "engine": []}
+        bare(0)
+        for r in range(rounds):
+            for name, fn in (("bare", bare), ("engine", ours)):
+                for s in range(steps):
+                    t = time.perf_counter()
+                    fn(r * steps + s)
+                    times[name].append(time.perf_counter() - t)
+        run.log.close()
+    bare_t, ours_t = statistics.median(times["bare"]), statistics.median(times["engine"])
+    return {"bare_step_s": round(bare_t, 4), "engine_step_s": round(ours_t, 4), "ratio": round(ours_t / bare_t, 4)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("BENCH_DATA") or None,
+                   help="a real-image set (folder with images/ + annotations.json, or a COCO root); "
+                        "default: the synthetic set")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--out", default="runs/bench", help="bench.json goes here")
+    p.add_argument("--only", default="", help="comma-separated substrings: run only matching rows")
+    a = p.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    ns = argparse.Namespace(data_path=a.data, train_images=None, train_ann=None, val_images=None, val_ann=None,
+                            data_cache="data")
+    data = coco.resolve_data(ns)
+    data_flags = ["--data-path", a.data] if a.data else []
+    rows = []
+
+    def keep(name):
+        return not a.only or any(s in name for s in a.only.split(","))
+
+    for name, script, args, ref in workloads(a.device, data_flags):
+        if keep(name):
+            print(f"running {name} ...", flush=True)
+            rows.append({"name": name, "kind": "train", "reference": ref,
+                         **run_workload(script, args, 0 if a.device == "cpu" else a.workers)})
+    pipelines = [("loader finetune 1333x800 (boxes)", lambda: coco.CocoDetection(
+                      data.train_images, data.train_ann, transforms.detection_train("800"), keep_empty=False)),
+                 ("loader finetune 1333x800 (+masks)", lambda: coco.CocoDetection(
+                      data.train_images, data.train_ann, transforms.detection_train("800"), with_masks=True,
+                      keep_empty=False))]
+    for name, make in pipelines:
+        if keep(name):
+            rows.append({"name": name, "kind": "loader", "items_per_s_per_worker": round(loader_throughput(make()), 1)})
+    if keep("engine") and a.device == "cpu":
+        rows.append({"name": "engine overhead (Run.step vs bare loop, CPU)", "kind": "engine",
+                     **engine_overhead(data)})
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        ref = by_name.get(r.get("reference") or "")
+        if ref and "samples_per_s" in r and "samples_per_s" in ref:
+            r["vs_reference"] = round(r["samples_per_s"] / ref["samples_per_s"], 2)
+    print_table(rows, a)
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "bench.json")
+    with open(path, "w") as f:
+        json.dump({"device": a.device, "data": a.data or "synthetic", "rows": rows,
+                   "torch": torch.__version__, "cpus": os.cpu_count()}, f, indent=1)
+    print(f"wrote {path}")
+
+
+def print_table(rows, a):
+    print(f"\nbench on {a.device} ({os.cpu_count()} CPUs), data: {a.data or 'synthetic'}")
+    cols = ("samples_per_s", "peak_mem_mb", "data_time_share", "vs_reference", "items_per_s_per_worker",
+            "bare_step_s", "engine_step_s", "ratio", "error")
+    print(f"| {'workload':<44} | " + " | ".join(cols) + " |")
+    print("|" + "---|" * (len(cols) + 1))
+    for r in rows:
+        print(f"| {r['name']:<44} | " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+
+
+if __name__ == "__main__":
+    main()

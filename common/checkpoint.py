@@ -1,0 +1,196 @@
+"""One checkpoint contract for every script, written atomically and read with ``weights_only=True``.
+
+- ``checkpoint_last.pth`` and the periodic ``checkpoint_<iteration>.pth`` hold the full training state:
+  ``{"kind": "train_state", "model", "optimizer", "scaler", "iteration", "elapsed", "rng" (one entry per
+  rank), "extra" (method state: EMA teacher, ERF weights, ...), "args" (a plain dict), "meta"}``.
+  ``--resume`` reads them.
+- ``model_final.pth`` holds the weights to transfer: ``{"kind": "final", "model": state_dict, "meta":
+  {method, detector, backbone, num_classes, parts, iterations, images_seen, wall_clock_s, world_size,
+  device_type, device_hours, ...}}``. ``--init`` reads it through ``load_pretrained``.
+Every file is written to a temporary name in the same directory and renamed, so a kill at any moment
+leaves the previous file intact. Nothing in a checkpoint is executable: only tensors and plain containers.
+"""
+import collections
+import glob
+import os
+import pickle
+import random
+import re
+import tempfile
+
+import numpy as np
+import torch
+
+from common import dist
+from common.cli import UserError
+from common.detectors import PART_NAMES, part_of, parts_of
+
+
+def save(obj, path):
+    """torch.save to a temp file + fsync + rename: the file at ``path`` is always complete."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def load(path, kind=None):
+    """Loads a checkpoint (weights_only=True) and checks it is of the expected kind ('final'/'train_state')."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise UserError(f"{path}: refused: the file holds Python objects other than tensors and plain "
+                            "containers (checkpoints are loaded with weights_only=True, so no code in them "
+                            "runs)") from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
+                        f"{str(e).splitlines()[0][:100]})") from None
+    if isinstance(obj, dict) and "kind" not in obj and obj and all(torch.is_tensor(v) for v in obj.values()):
+        obj = {"kind": "final", "model": obj, "meta": {}}  # a bare state dict (e.g. torchvision's)
+    if not isinstance(obj, dict) or obj.get("kind") not in ("final", "train_state"):
+        raise UserError(f"{path}: not a checkpoint of this repository (no 'kind' entry)")
+    if kind == "final" and obj["kind"] == "train_state":
+        raise UserError(f"{path} is a training-state checkpoint (model + optimizer + RNG, for --resume of the "
+                        "run that wrote it); --init expects the model_final.pth a finished run writes")
+    if kind == "train_state" and obj["kind"] == "final":
+        raise UserError(f"{path} is a model_final.pth (weights only, to start another run from with --init); "
+                        "--resume expects a checkpoint_last.pth or checkpoint_<iteration>.pth")
+    return obj
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """checkpoint_last.pth plus periodic checkpoint_<iteration>.pth files, of which the newest ``keep`` stay."""
+
+    def __init__(self, output_dir, keep=2):
+        self.output_dir, self.keep = output_dir, keep
+        self.last = os.path.join(output_dir, "checkpoint_last.pth")
+        for stale in glob.glob(os.path.join(output_dir, ".tmp-*.pth")):  # left by a kill during a save
+            os.remove(stale)
+
+    def periodic(self):
+        files = glob.glob(os.path.join(self.output_dir, "checkpoint_[0-9]*.pth"))
+        return sorted(files, key=lambda f: int(re.findall(r"(\d+)\.pth$", f)[0]))
+
+    def save(self, state, periodic=False):
+        save(state, self.last)
+        if periodic:
+            path = os.path.join(self.output_dir, f"checkpoint_{state['iteration']:08d}.pth")
+            if os.path.exists(path):
+                os.remove(path)
+            os.link(self.last, path)  # the next save replaces checkpoint_last's inode; this link keeps it
+            for old in self.periodic()[: -self.keep] if self.keep > 0 else self.periodic():
+                os.remove(old)
+
+    def latest(self):
+        """Path of the newest complete checkpoint (by the iteration stored in it), or None."""
+        best, best_it = None, -1
+        for path in [self.last] + self.periodic()[::-1]:
+            if not os.path.exists(path):
+                continue
+            try:
+                it = load(path, kind="train_state")["iteration"]
+            except UserError as e:
+                print(f"warning: ignoring {e}")
+                continue
+            if it > best_it:
+                best, best_it = path, it
+        return best
+
+
+def load_pretrained(model, path, parts=None, allow_partial=False):
+    """Loads the weights of a model_final.pth into ``model``, part by part, and prints a transfer report.
+
+    parts: load only these parts (names from ``common.detectors.PARTS``); None = every part.
+    Refuses (UserError) when nothing matches, or when keys mismatch in shape or are unknown to the model
+    (another detector, backbone or class count) unless ``allow_partial``, which loads the matching keys only.
+    Returns (report, meta): report[part] = Counter(loaded, missing, shape_mismatch, unexpected, not_requested).
+    """
+    ckpt = load(path, kind="final")
+    state, meta = ckpt["model"], ckpt.get("meta", {})
+    own = model.state_dict()
+    report = collections.defaultdict(collections.Counter)
+    to_load, examples = {}, []
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # BatchNorm bookkeeping; FrozenBatchNorm2d has none
+        part = part_of(key)
+        if parts is not None and part not in parts:
+            report[part]["not_requested"] += 1
+        elif key not in own:
+            report[part]["unexpected"] += 1
+            examples.append(f"{key} (not in this model)")
+        elif own[key].shape != value.shape:
+            report[part]["shape_mismatch"] += 1
+            examples.append(f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}")
+        else:
+            to_load[key] = value
+            report[part]["loaded"] += 1
+    for key in own:
+        if key not in state and not key.endswith("num_batches_tracked"):
+            report[part_of(key)]["missing"] += 1
+    print_report(report, path, meta)
+    if not to_load:
+        raise UserError(f"{path}: no key of the checkpoint matches this model ({_describe(meta)}); "
+                        "expected a checkpoint of this repository for the same backbone")
+    if examples and not allow_partial:
+        raise UserError(f"{path} does not fit this model ({_describe(meta)}): {len(examples)} keys differ, e.g. "
+                        f"{examples[0]}; pass --init-partial to load the matching keys only")
+    model.load_state_dict(to_load, strict=False)
+    return dict(report), meta
+
+
+def _describe(meta):
+    keys = ("method", "detector", "backbone", "num_classes")
+    return ", ".join(f"{k}={meta[k]}" for k in keys if k in meta) or "no meta"
+
+
+def print_report(report, path, meta):
+    cols = ("loaded", "missing", "shape_mismatch", "unexpected", "not_requested")
+    print(f"transfer report for {path} ({_describe(meta)}):")
+    print(f"  {'part':<16}" + "".join(f"{c:>15}" for c in cols))
+    for part in sorted(report, key=PART_NAMES.index):
+        print(f"  {part:<16}" + "".join(f"{report[part][c]:>15}" for c in cols))
+
+
+def final_state(model, keep=None, drop=()):
+    """The state dict to export: only parts in ``keep`` (None = all), without parts in ``drop``."""
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()
+            if (keep is None or part_of(k) in keep) and part_of(k) not in drop}
+
+
+def save_final(path, state_dict, meta):
+    meta = dict(meta, parts=parts_of(state_dict))
+    if dist.is_main_process():
+        save({"kind": "final", "model": state_dict, "meta": meta}, path)
+    return meta

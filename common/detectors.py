@@ -1,0 +1,194 @@
+"""Detector builders on ``torchvision.models.detection``, BatchNorm modes, and state-dict part names.
+
+``build_detector("fasterrcnn"|"maskrcnn"|"retinanet"|"fcos", num_classes, backbone="resnet50", ...)``
+returns a torchvision detector whose backbone is a ResNet-FPN (``resnet18/34/50/101``):
+- R-CNNs: P2-P6 FPN (no norm), torchvision's RPN, RoIAlign 7x7 and the box head ``4conv1fc``
+  (4 conv3x3-256 + fc1024, no norm: the head of the Direct, PreDet and AlignDet papers) or ``2fc``
+  (torchvision's default TwoMLPHead);
+- RetinaNet: P3-P7 (P6 from P5, torchvision v1; mmdet builds P6 from C5), head without norm;
+- FCOS: P3-P7, torchvision's head (GroupNorm(32) towers, GIoU loss, center sampling; mmdet's
+  FCOS used by AlignDet has no center sampling and an IoU loss; documented departure).
+Backbone norm modes: ``frozen`` (FrozenBatchNorm2d: statistics and affine fixed, the Direct paper's
+'Fixed'), ``affine`` (statistics fixed, gamma/beta trained), ``bn`` (plain per-GPU BatchNorm),
+``syncbn`` (SyncBatchNorm across GPUs). ``num_classes`` counts the foreground classes K: labels are
+1..K and every head gets K + 1 outputs (index 0 = background / unused).
+"""
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from common import dist
+from common.cli import UserError
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+NORMS = ("frozen", "affine", "bn", "syncbn")
+BOX_HEADS = ("4conv1fc", "2fc")
+
+
+class AffineBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose running statistics stay fixed (always normalises with them) while gamma and beta
+    train: the 'affine' mode of the Direct paper's Table 2. Same state-dict keys as nn.BatchNorm2d."""
+
+    def forward(self, x):
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+NORM_LAYERS = {"frozen": FrozenBatchNorm2d, "affine": AffineBatchNorm2d, "bn": nn.BatchNorm2d,
+               "syncbn": nn.BatchNorm2d}
+
+
+class PresizedTransform(GeneralizedRCNNTransform):
+    """torchvision's detector transform without its resize: the loader's preset already sized the images,
+    so the model only normalises and batches them (padding to a multiple of 32)."""
+
+    def __init__(self):
+        super().__init__(min_size=1, max_size=1, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
+
+    def resize(self, image, target=None):
+        return image, target
+
+
+def add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn="frozen", trainable_layers=3):
+    g = parser.add_argument_group("detector")
+    g.add_argument("--detector", default=detector, help="|".join(DETECTORS))
+    g.add_argument("--backbone", default=backbone, help="|".join(BACKBONES))
+    g.add_argument("--box-head", default="4conv1fc", choices=BOX_HEADS, help="R-CNN box head")
+    g.add_argument("--bn", default=bn, choices=NORMS, help="backbone norm mode")
+    g.add_argument("--trainable-layers", type=int, default=trainable_layers,
+                   help="trainable ResNet stages counted from the top (5 = all, 3 = stem+res2 frozen)")
+    g.add_argument("--rpn-batch-size", type=int, default=256, help="anchors sampled per image for the RPN loss")
+    g.add_argument("--roi-batch-size", type=int, default=512, help="RoIs sampled per image for the box head")
+    g.add_argument("--rpn-post-nms-train", type=int, default=2000, help="RPN proposals kept per image in training")
+    g.add_argument("--rpn-post-nms-test", type=int, default=1000, help="RPN proposals kept per image at test time")
+    g.add_argument("--detections-per-img", type=int, default=100)
+    g.add_argument("--anchor-scale", type=float, default=1.0,
+                   help="multiplies the anchor sizes (32..512 px on P2/P3..P6/P7); e.g. 0.5 for small images")
+    return g
+
+
+def check_detector_args(args, device):
+    if args.detector not in DETECTORS:
+        raise UserError(f"--detector {args.detector}: unknown detector (expected one of {', '.join(DETECTORS)})")
+    if args.backbone not in BACKBONES:
+        raise UserError(f"--backbone {args.backbone}: unknown backbone (expected one of {', '.join(BACKBONES)})")
+    if not 0 <= args.trainable_layers <= 5:
+        raise UserError(f"--trainable-layers {args.trainable_layers}: expected 0..5")
+    if args.bn == "syncbn" and (dist.get_world_size() == 1 or device.type != "cuda"):
+        raise UserError("--bn syncbn needs several GPU processes (torchrun --nproc_per_node>1 on CUDA); "
+                        "use --bn bn")
+
+
+def detector_kwargs(args):
+    """Sampling/proposal/anchor settings of the flags, in the names of torchvision's constructors."""
+    sizes = [round(s * args.anchor_scale) for s in (32, 64, 128, 256, 512)]
+    if args.detector in ("fasterrcnn", "maskrcnn"):
+        anchors = AnchorGenerator(tuple((s,) for s in sizes), ((0.5, 1.0, 2.0),) * 5)
+        return dict(rpn_anchor_generator=anchors, rpn_batch_size_per_image=args.rpn_batch_size, box_batch_size_per_image=args.roi_batch_size,
+                    rpn_pre_nms_top_n_train=args.rpn_post_nms_train, rpn_post_nms_top_n_train=args.rpn_post_nms_train,
+                    rpn_pre_nms_top_n_test=args.rpn_post_nms_test, rpn_post_nms_top_n_test=args.rpn_post_nms_test,
+                    box_detections_per_img=args.detections_per_img)
+    if args.detector == "retinanet":  # 3 scales per octave, as torchvision's default
+        anchors = AnchorGenerator(tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in sizes),
+                                  ((0.5, 1.0, 2.0),) * 5)
+        return dict(anchor_generator=anchors, detections_per_img=args.detections_per_img)
+    return dict(detections_per_img=args.detections_per_img)  # FCOS: anchor-free
+
+
+def imagenet_weights(backbone):
+    """torchvision's ImageNet-1k weights enum for a ResNet (the classic V1 weights detection uses)."""
+    return torchvision.models.get_model_weights(backbone).IMAGENET1K_V1
+
+
+def build_backbone(backbone, norm="frozen", trainable_layers=3, imagenet=False, returned_layers=None,
+                   extra_blocks=None):
+    """ResNet + FPN (torchvision ``BackboneWithFPN``: ``.body`` = the ResNet stages, ``.fpn``)."""
+    try:
+        model = resnet_fpn_backbone(backbone_name=backbone, weights=imagenet_weights(backbone) if imagenet else None,
+                                    norm_layer=NORM_LAYERS[norm], trainable_layers=trainable_layers,
+                                    returned_layers=returned_layers, extra_blocks=extra_blocks)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        if not imagenet:
+            raise
+        raise UserError(f"could not get torchvision's ImageNet weights for {backbone} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120]}); they are downloaded on first use, so this needs "
+                        "network access once (or a copy in $TORCH_HOME/hub/checkpoints)") from None
+    return model
+
+
+def build_detector(name, num_classes, backbone="resnet50", norm="frozen", box_head="4conv1fc",
+                   trainable_layers=3, imagenet=False, **kwargs):
+    """A torchvision detector for K = num_classes foreground classes; kwargs go to its constructor."""
+    k1 = num_classes + 1
+    if name in ("fasterrcnn", "maskrcnn"):
+        body = build_backbone(backbone, norm, trainable_layers, imagenet)
+        if box_head == "4conv1fc":
+            head = FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=None)
+        else:
+            head = TwoMLPHead(256 * 7 * 7, 1024)
+        predictor = FastRCNNPredictor(1024, k1)
+        if name == "fasterrcnn":
+            model = FasterRCNN(body, None, box_head=head, box_predictor=predictor, **kwargs)
+        else:
+            model = MaskRCNN(body, None, box_head=head, box_predictor=predictor,
+                             mask_predictor=MaskRCNNPredictor(256, 256, k1), **kwargs)
+    elif name in ("retinanet", "fcos"):
+        body = build_backbone(backbone, norm, trainable_layers, imagenet, returned_layers=[2, 3, 4],
+                              extra_blocks=LastLevelP6P7(256, 256))
+        model = (RetinaNet if name == "retinanet" else FCOS)(body, k1, **kwargs)
+    else:
+        raise UserError(f"unknown detector {name!r} (expected one of {', '.join(DETECTORS)})")
+    model.transform = PresizedTransform()
+    if norm == "syncbn":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_detector_from_args(args, num_classes, imagenet=False):
+    return build_detector(args.detector, num_classes, args.backbone, args.bn, args.box_head,
+                          args.trainable_layers, imagenet, **detector_kwargs(args))
+
+
+# ---- naming the parts of a detector's state dict (transfer reports, partial loads, exports) ----
+PARTS = (  # (key prefix, part name); the first match wins
+    ("backbone.body.", "backbone"),
+    ("backbone.fpn.", "fpn"),
+    ("rpn.", "rpn"),
+    ("roi_heads.box_head.", "box_head"),
+    ("roi_heads.box_predictor.", "box_predictor"),
+    ("roi_heads.mask_head.", "mask_head"),
+    ("roi_heads.mask_predictor.", "mask_predictor"),
+    ("head.classification_head.conv.", "cls_tower"),
+    ("head.classification_head.", "classifier"),
+    ("head.regression_head.conv.", "reg_tower"),
+    ("head.regression_head.bbox_ctrness.", "centerness"),
+    ("head.regression_head.", "regressor"),
+)
+PART_NAMES = [p for _, p in PARTS] + ["other"]
+# the final class/box layers of each detector: what AlignDet drops before fine-tuning
+FINAL_LAYERS = ("box_predictor", "mask_predictor", "classifier", "regressor", "centerness")
+
+
+def part_of(key):
+    for prefix, part in PARTS:
+        if key.startswith(prefix):
+            return part
+    return "other"
+
+
+def parts_of(state_dict):
+    return sorted({part_of(k) for k in state_dict}, key=PART_NAMES.index)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,127 @@
+"""Distributed helpers for torchrun (env://) that also run as one plain process.
+
+Launch with ``torchrun --nproc_per_node=N script.py ...`` (multi-node: ``--nnodes --node_rank
+--master_addr --master_port``). Without torchrun's environment variables everything runs as a single
+process and every collective below returns its input, so the same code runs on one GPU or on the CPU.
+Pattern from torchvision ``references/detection/utils.py`` and DETR ``util/misc.py``.
+"""
+import builtins
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def init_distributed(device="auto", timeout_s=600):
+    """Initialises the process group from torchrun's env vars (NCCL on CUDA, gloo on CPU).
+
+    Returns the torch.device of this rank. ``timeout_s`` bounds every collective, so that a rank that
+    died makes the others fail within that time instead of hanging.
+    """
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if use_cuda else None)
+    _setup_printing(is_main_process())
+    return dev
+
+
+def cleanup():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def _setup_printing(is_main):
+    """Silences print() on every rank but 0; ``print(..., force=True)`` still prints."""
+    builtin_print = builtins.print
+
+    def rank_print(*args, **kwargs):
+        force = kwargs.pop("force", False)
+        if is_main or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = rank_print
+
+
+def seed_everything(seed):
+    """Seeds python, numpy and torch with ``seed + rank`` (each rank draws differently)."""
+    seed = seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def barrier():
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj, src=0):
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj):
+    """Returns the list of ``obj`` from every rank (``[obj]`` on one process)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(tensor):
+    """Sums a tensor over ranks, in place; identity on one process."""
+    if is_dist():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def reduce_dict(values):
+    """Averages a dict of scalar tensors over ranks (for logging only)."""
+    if not is_dist():
+        return values
+    names = sorted(values)
+    stacked = torch.stack([values[k].detach().float() for k in names])
+    dist.all_reduce(stacked)
+    stacked /= get_world_size()
+    return dict(zip(names, stacked))
+
+
+@torch.no_grad()
+def concat_all_gather(tensor):
+    """Concatenates equal-shaped tensors from all ranks along dim 0 (no gradient); identity on one process."""
+    if not is_dist():
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)

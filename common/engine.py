@@ -1,0 +1,307 @@
+"""What every training loop shares, and detection evaluation.
+
+A script's loop reads (the schedule and the losses stay in the script):
+
+    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=len(loader), max_iters=..., ...)
+    for it, batch in run.batches(loader):       # resumes mid-epoch, logs, checkpoints, handles SIGTERM
+        run.set_lr(lr_at(it, ...))
+        with run.autocast():
+            losses = {...}                      # a dict of named loss terms
+        run.step(losses)                        # backward (AMP scaler), non-finite check, clip, step
+    run.finish(final_state, meta)               # model_final.pth, with compute in its meta
+
+``Run`` owns the run directory contract: checkpoint_last.pth (+ periodic ones) written atomically,
+exact resume (model, optimizer, scaler, iteration, every rank's RNG, the method's ``extra`` state and,
+through ``common.loader``, the data order), log.txt and TensorBoard on rank 0, and a clean stop on
+SIGTERM/SIGINT (checkpoint at the next iteration boundary, exit status 128 + signal).
+"""
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+from common import checkpoint, dist
+from common.cli import UserError
+from common.coco_eval import coco_evaluate, to_coco_results
+from common.metrics import Meter, RunLog, peak_memory_mb
+from common.transforms import to_float_batch
+
+
+def prepare_output_dir(args, default):
+    """Sets args.output_dir (default runs/<script>/<tag>), refuses to silently reuse a finished or
+    started run (resume it or pass --overwrite), and writes args.json."""
+    args.output_dir = args.output_dir or default
+    out = args.output_dir
+    started = any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint_last.pth", "model_final.pth"))
+    if started and args.overwrite and dist.is_main_process():
+        shutil.rmtree(out)
+    elif started and not args.resume and not getattr(args, "eval_only", False):
+        raise UserError(f"{out} already holds a run; add --resume auto to continue it, --overwrite to start "
+                        "over, or choose another --output-dir")
+    dist.barrier()
+    if dist.is_main_process():
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
+    return out
+
+
+def amp_dtype(args, device):
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); off on the CPU unless asked."""
+    if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
+        return None
+    if args.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+class Stopped(SystemExit):
+    pass
+
+
+class Run:
+    """Training-loop state shared by every script; see the module docstring.
+
+    samples_per_iter: samples one iteration consumes on ONE rank (images; Montage: samples).
+    extra: {name: object with state_dict()/load_state_dict()} saved with and restored from checkpoints.
+    """
+
+    def __init__(self, args, model, optimizer, *, iters_per_epoch, max_iters, samples_per_iter, device,
+                 method, extra=None):
+        self.args, self.model, self.optimizer, self.device, self.method = args, model, optimizer, device, method
+        self.iters_per_epoch, self.max_iters = iters_per_epoch, max_iters
+        self.samples_per_iter = samples_per_iter * dist.get_world_size()
+        self.extra = extra or {}
+        self.dtype = amp_dtype(args, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.ckpt = checkpoint.Checkpointer(args.output_dir, args.keep_ckpts)
+        self.log = RunLog(args.output_dir, args.tensorboard)
+        self.iteration = self.start_iter = 0
+        self.elapsed_before, self.skipped_steps = 0.0, 0
+        self.meter, self.epoch_meter = Meter(), Meter()
+        self.data_time = self.compute_time = 0.0
+        self.stop_signal, self.lr = None, 0.0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        if args.resume:
+            self._resume()
+        self.t0 = time.time()
+
+    # ---- loop ----
+    def batches(self, loader, on_epoch_end=None):
+        """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs.
+
+        After each loop body it logs, checkpoints and honours a stop signal. ``on_epoch_end(epoch)`` may
+        return a dict of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
+        sampler = loader.batch_sampler
+        main = dist.is_main_process()
+        bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
+                   mininterval=1 if sys.stderr.isatty() else 30, desc=self.method)
+        it = self.start_iter
+        while it < self.max_iters:
+            epoch, skip = divmod(it, self.iters_per_epoch)
+            sampler.set_epoch(epoch, skip)
+            t = time.perf_counter()
+            for batch in loader:
+                t_data = time.perf_counter()
+                self.data_time += t_data - t
+                yield it, batch
+                it = self.iteration = it + 1
+                self.compute_time += time.perf_counter() - t_data
+                bar.update(1)
+                self._after_iteration(it, bar)
+                if it % self.iters_per_epoch == 0 or it == self.max_iters:
+                    record = {"epoch": epoch, "iteration": it, **self.epoch_summary(self.epoch_meter.means())}
+                    if on_epoch_end is not None:
+                        record.update(on_epoch_end(epoch) or {})
+                    self.log.jsonl(record)
+                    self.save()
+                if it >= self.max_iters:
+                    break
+                t = time.perf_counter()
+        bar.close()
+
+    def set_lr(self, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        self.lr = lr
+        return lr
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def step(self, losses):
+        """Backward + optimizer step on sum(losses.values()). Returns False if the step was skipped
+        because the loss was not finite (allowed ``--skip-nonfinite`` times, then a clear stop).
+        The finiteness check is one host sync per step (agreed over ranks, so DDP never diverges)."""
+        total = sum(losses.values())
+        finite = torch.isfinite(total.detach()).float()
+        if dist.get_world_size() > 1:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            self._nonfinite(losses)
+            return False
+        self.scaler.scale(total).backward()
+        if self.args.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        values = dict(losses, loss=total)
+        self.meter.update(values)
+        self.epoch_meter.update(values)
+        return True
+
+    def _nonfinite(self, losses):
+        self.optimizer.zero_grad(set_to_none=True)
+        terms = " ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        if self.skipped_steps < self.args.skip_nonfinite:
+            self.skipped_steps += 1
+            print(f"warning: non-finite loss at iteration {self.iteration} ({terms}); step skipped "
+                  f"({self.skipped_steps}/{self.args.skip_nonfinite} allowed)")
+            return
+        path = os.path.join(self.args.output_dir, f"checkpoint_debug_{self.iteration}.pth")
+        state = self.state()
+        if dist.is_main_process():
+            checkpoint.save(state, path)
+        raise UserError(f"non-finite loss at iteration {self.iteration} (lr {self.lr:.4g}): {terms}; wrote the "
+                        f"state before this step to {path}; lower the lr, set --clip-grad, or pass "
+                        "--skip-nonfinite N to tolerate N such steps")
+
+    def _after_iteration(self, it, bar):
+        args = self.args
+        log_now = it % args.print_freq == 0 or it == self.max_iters
+        if log_now:
+            values = self.meter.means()
+            values["lr"] = self.lr
+            self.log.scalars(it, values)
+            self.log.jsonl({"iteration": it, **{k: round(v, 6) for k, v in values.items()}})
+            bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in values.items() if k != "lr")
+                                + f" lr={self.lr:.3g}", refresh=False)
+        if dist.get_world_size() > 1 and log_now:  # agree on a stop signal seen by any rank
+            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stop_signal = int(flag.item()) or None
+        if self.stop_signal and (dist.get_world_size() == 1 or log_now):
+            self.save()
+            name = signal.Signals(self.stop_signal).name
+            print(f"stopped by {name} at iteration {it}: wrote {self.ckpt.last}; continue with the same "
+                  "command plus --resume auto", file=sys.stderr)
+            raise Stopped(128 + self.stop_signal)
+        if args.ckpt_every and it % args.ckpt_every == 0 and it < self.max_iters:
+            self.save(periodic=True)
+
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None:  # a second signal: stop now (the last checkpoint stays valid)
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+
+    # ---- state ----
+    def elapsed(self):
+        return self.elapsed_before + time.time() - self.t0
+
+    def state(self):
+        """The full training state (collective: every rank must call it)."""
+        return {"kind": "train_state", "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "iteration": self.iteration, "elapsed": self.elapsed(),
+                "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state()),
+                "extra": {k: v.state_dict() for k, v in self.extra.items()}, "args": vars(self.args),
+                "meta": {"method": self.method}}
+
+    def save(self, periodic=False):
+        state = self.state()
+        if dist.is_main_process():
+            self.ckpt.save(state, periodic)
+        dist.barrier()
+
+    def _resume(self):
+        path = self.ckpt.latest() if self.args.resume == "auto" else self.args.resume
+        if path is None:
+            print(f"--resume auto: no checkpoint in {self.args.output_dir} yet, starting from iteration 0")
+            return
+        ck = checkpoint.load(path, kind="train_state")
+        if ck["meta"].get("method") != self.method:
+            raise UserError(f"{path} was written by {ck['meta'].get('method')}, not {self.method}")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        for k, obj in self.extra.items():
+            obj.load_state_dict(ck["extra"][k])
+        self.iteration = self.start_iter = ck["iteration"]
+        self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
+        if len(ck["rng"]) == dist.get_world_size():
+            checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
+        else:
+            print(f"warning: {path} was written by {len(ck['rng'])} processes, this run has "
+                  f"{dist.get_world_size()}: the data order continues, random streams do not match exactly")
+        print(f"resumed from {path} at iteration {self.start_iter}")
+
+    # ---- summaries ----
+    def epoch_summary(self, losses):
+        measured = self.data_time + self.compute_time
+        return {**{f"train_{k}": round(v, 5) for k, v in losses.items()}, "lr": self.lr,
+                "samples_per_s": round(self.samples_per_iter * (self.iteration - self.start_iter)
+                                       / max(measured, 1e-9), 2),
+                "data_time_share": round(self.data_time / max(measured, 1e-9), 4),
+                "peak_mem_mb": round(peak_memory_mb(self.device)), "skipped_steps": self.skipped_steps}
+
+    def compute_meta(self):
+        """Compute accounting for model_final.pth meta and results.json."""
+        wall = self.elapsed()
+        world = dist.get_world_size()
+        return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
+                * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
+                "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
+                "device_hours": round(wall * world / 3600, 5)}
+
+    def finish(self, state_dict, meta):
+        """Writes model_final.pth ({model, meta}); returns the meta."""
+        meta = checkpoint.save_final(os.path.join(self.args.output_dir, "model_final.pth"), state_dict,
+                                     {**self.compute_meta(), **meta})
+        self.log.close()
+        dist.barrier()
+        return meta
+
+
+def targets_to(targets, device):
+    """Detection targets -> plain tensors on ``device`` (the keys torchvision's detectors read)."""
+    keys = ("boxes", "labels", "masks")
+    return [{k: t[k].as_subclass(torch.Tensor).to(device, non_blocking=True) for k in keys if k in t}
+            for t in targets]
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype=None, backend="auto"):
+    """Inference on every rank, gather on rank 0, COCOeval bbox (+ segm when the model outputs masks).
+
+    Returns {"bbox": {AP, AP50, ...}, ["segm": {...}], "images": n, "seconds": s} on every rank."""
+    dataset = loader.dataset
+    model.eval()
+    t0 = time.time()
+    results, n_images = [], 0
+    for images, targets in tqdm(loader, disable=not dist.is_main_process(), desc="eval", mininterval=30):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(to_float_batch(images, device))
+        for img, out, t in zip(images, outputs, targets):
+            results += to_coco_results(out, t["image_id"], img.shape[-2:], t["orig_size"], dataset.cat_ids)
+        n_images += len(images)
+    gathered = dist.all_gather_object((results, n_images))
+    stats = None
+    if dist.is_main_process():
+        results = [r for part, _ in gathered for r in part]
+        n_images = sum(n for _, n in gathered)
+        stats = {"bbox": coco_evaluate(dataset.coco_gt(), results, "bbox", backend)}
+        if results and "segmentation" in results[0]:
+            stats["segm"] = coco_evaluate(dataset.coco_gt(), results, "segm", backend)
+        skipped = len(dataset) - n_images
+        stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))
+    stats = dist.broadcast_object(stats)
+    model.train()
+    return stats

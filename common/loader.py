@@ -1,0 +1,146 @@
+"""Data loaders whose batches are a pure function of (seed, epoch, position): resumable mid-epoch.
+
+``TrainBatchSampler`` draws epoch e's order from (seed, e), shards it over ranks like
+``DistributedSampler`` and yields batches of ``(index, sample_seed)`` pairs; ``SeededDataset`` runs every
+item under its own sample seed. An item's augmentation therefore depends neither on the worker that
+loads it nor on the number of workers, and a run resumed at iteration i sees exactly the batches and
+augmentations the uninterrupted run saw from i on. Optional aspect-ratio grouping (landscape vs
+portrait, as detectron2's ``AspectRatioGroupedDataset``; torchvision's references use
+``GroupedBatchSampler`` for the same purpose) keeps padding small.
+"""
+import contextlib
+import multiprocessing
+import random
+
+import numpy as np
+import torch
+
+from common import dist
+
+
+class TrainBatchSampler(torch.utils.data.Sampler):
+    """Deterministic, distributed, resumable batch sampler (drop_last semantics).
+
+    num_items: dataset length. batch_size: per rank. group_ids: optional group per index; a batch
+    holds one group only, except for at most (groups - 1) batches of leftovers at the end of an epoch.
+    """
+
+    def __init__(self, num_items, batch_size, seed=0, group_ids=None):
+        self.num_items, self.batch_size, self.seed, self.group_ids = num_items, batch_size, seed, group_ids
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.per_rank = -(-num_items // self.world)  # padded by wrapping, as DistributedSampler does
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{num_items} items are fewer than one batch of {batch_size} per rank "
+                             f"x {self.world} ranks")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        """Selects epoch ``epoch`` and skips its first ``start_batch`` batches (mid-epoch resume)."""
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _epoch_batches(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=g)
+        seeds = torch.randint(0, 2**31 - 1, (self.num_items,), generator=g)
+        total = self.per_rank * self.world
+        order = torch.cat([order, order[: total - self.num_items]])
+        seeds = torch.cat([seeds, seeds[: total - self.num_items] + 1])
+        mine = list(zip(order[self.rank::self.world].tolist(), seeds[self.rank::self.world].tolist()))
+        if self.group_ids is None:
+            return [mine[i:i + self.batch_size] for i in range(0, self.batches_per_epoch * self.batch_size,
+                                                                self.batch_size)]
+        batches, buckets = [], {}
+        for item in mine:
+            bucket = buckets.setdefault(self.group_ids[item[0]], [])
+            bucket.append(item)
+            if len(bucket) == self.batch_size:
+                batches.append(list(bucket))
+                bucket.clear()
+        leftovers = [item for key in sorted(buckets) for item in buckets[key]]
+        batches += [leftovers[i:i + self.batch_size] for i in range(0, len(leftovers), self.batch_size)]
+        return batches[: self.batches_per_epoch]
+
+    def __iter__(self):
+        yield from self._epoch_batches()[self.start_batch:]
+
+    def __len__(self):
+        return self.batches_per_epoch - self.start_batch
+
+
+@contextlib.contextmanager
+def seeded(seed):
+    """Seeds torch, numpy and python RNGs for the block, restoring the previous states afterwards."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededDataset(torch.utils.data.Dataset):
+    """Runs ``dataset[idx]`` under the sample's seed; an item that comes back None (a bad image that the
+    dataset was told to skip) is replaced by the next index and counted in ``bad_images``."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.bad_images = multiprocessing.Value("i", 0)  # shared with forked workers
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        idx, seed = key
+        with seeded(seed):
+            for offset in range(len(self.dataset)):
+                item = self.dataset[(idx + offset) % len(self.dataset)]
+                if item is not None:
+                    return item
+                with self.bad_images.get_lock():
+                    self.bad_images.value += 1
+        raise RuntimeError("every image of the dataset failed to load")
+
+
+def collate_detection(batch):
+    """[(image, target), ...] -> (images, targets) tuples; None items (skipped bad images) are dropped."""
+    batch = [b for b in batch if b is not None]
+    return tuple(zip(*batch)) if batch else ((), ())
+
+
+def aspect_groups(dataset):
+    """0 for portrait, 1 for landscape images (needs ``dataset.aspect_ratios()``)."""
+    return [int(r >= 1.0) for r in dataset.aspect_ratios()]
+
+
+def build_train_loader(dataset, batch_size, workers, seed, device, collate_fn=collate_detection,
+                       group_ids=None):
+    sampler = TrainBatchSampler(len(dataset), batch_size, seed, group_ids)
+    # its own generator: creating a loader iterator must not draw from the global RNG (exact resume)
+    return torch.utils.data.DataLoader(
+        SeededDataset(dataset), batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every world-th index from this rank's offset, unpadded (each image is evaluated exactly once)."""
+
+    def __init__(self, num_items):
+        self.indices = list(range(dist.get_rank(), num_items, dist.get_world_size()))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def build_eval_loader(dataset, batch_size, workers, device, collate_fn=collate_detection):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=workers,
+        collate_fn=collate_fn, pin_memory=device.type == "cuda")

@@ -1,0 +1,81 @@
+"""Two log channels, human and machine (DETR's habit): printed lines + TensorBoard scalars, and one
+JSON line per epoch (and per evaluation) in ``<output-dir>/log.txt``. Only rank 0 writes.
+
+``Meter`` accumulates named scalar tensors on their device, so that logging costs no host sync
+except at the print interval.
+"""
+import json
+import os
+import time
+
+import torch
+
+from common import dist
+
+
+class Meter:
+    """Running sums of named scalar tensors; ``means()`` syncs once and resets."""
+
+    def __init__(self):
+        self.sums, self.count = {}, 0
+
+    def update(self, values):
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        self.count += 1
+
+    def means(self, reduce=True):
+        if not self.count:
+            return {}
+        values = {k: v / self.count for k, v in self.sums.items()}
+        if reduce:
+            values = dist.reduce_dict(values)
+        self.sums, self.count = {}, 0
+        return {k: float(v) for k, v in values.items()}
+
+
+class RunLog:
+    """TensorBoard writer (``<output-dir>/tb``) and the JSON-lines ``log.txt``, on rank 0 only."""
+
+    def __init__(self, output_dir, tensorboard=True):
+        self.path = os.path.join(output_dir, "log.txt")
+        self.tb = None
+        if dist.is_main_process() and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def scalars(self, step, values, prefix="train/"):
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(prefix + k, v, step)
+
+    def jsonl(self, record):
+        if dist.is_main_process():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(dict(record, time=round(time.time(), 1))) + "\n")
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_jsonl(path):
+    """The records of a log.txt (a truncated last line, from a kill mid-write, is ignored)."""
+    records = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return records
+
+
+def peak_memory_mb(device):
+    """GPU max_memory_allocated on CUDA, the process' peak RSS on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,52 @@
+"""Joint image + box (+ mask, + instance id) transforms on ``torchvision.transforms.v2``, and presets.
+
+Images stay uint8 through the loader (4x less to copy than float) and become float on the device
+(``to_float_batch``/``normalize``). Detectors get images already sized by these presets: their own
+internal resize is disabled (``common.detectors.PresizedTransform``), so nothing is resized twice.
+"""
+import torch
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# named fine-tuning presets: short sides to draw from, long-side cap
+PRESETS = {
+    "800": ((800,), 1333),                                   # single scale 1333x800, the 1x recipe
+    "multiscale": ((640, 672, 704, 736, 768, 800), 1333),   # short side {640..800}
+    "cpu": ((128,), 192),                                    # small images for CPU demos and tests
+}
+
+
+def per_instance(inputs):
+    """labels_getter for SanitizeBoundingBoxes: every per-instance tensor of the target dict
+    ('labels', and 'ids' when boxes carry instance ids) is filtered together with the boxes."""
+    target = inputs[1]
+    return tuple(target[k] for k in ("labels", "ids") if k in target)
+
+
+def detection_train(preset="800", flip=0.5):
+    min_sizes, max_size = PRESETS[preset]
+    return v2.Compose([
+        v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size, antialias=True),
+        v2.RandomHorizontalFlip(flip),
+        v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(labels_getter=per_instance),
+    ])
+
+
+def detection_eval(preset="800"):
+    min_sizes, max_size = PRESETS[preset]
+    return v2.RandomShortestSize(min_size=[max(min_sizes)], max_size=max_size, antialias=True)
+
+
+def to_float_batch(images, device):
+    """uint8 CxHxW tensors -> float [0, 1] tensors on ``device`` (non-blocking copies)."""
+    return [img.to(device, non_blocking=True).float().div_(255) for img in images]
+
+
+def normalize(batch):
+    """float [0, 1] Bx3xHxW -> ImageNet-normalised (for models without torchvision's detector transform)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
