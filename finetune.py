@@ -1,0 +1,190 @@
+"""Fine-tune and evaluate: the one protocol every pre-training method of this repo ends in.
+
+Builds a torchvision detector (Faster R-CNN, Mask R-CNN, RetinaNet or FCOS on a ResNet-FPN), starts it
+from ``--init scratch | imagenet | PATH`` (PATH = any model_final.pth of this repo: its per-part
+transfer report is printed), trains it with the standard COCO recipe and evaluates it with COCOeval
+(bbox, and segm for Mask R-CNN). Writes results.json, log.txt, TensorBoard scalars and model_final.pth
+to ``--output-dir`` (default runs/finetune/<detector>_<backbone>_<init>).
+
+Defaults are the 1x recipe on 8 GPUs x 2 images: SGD momentum 0.9, weight decay 1e-4, lr 0.02 for the
+R-CNNs and 0.01 for RetinaNet/FCOS at global batch 16, scaled linearly to other batches
+(lr = 0.02 / 16 * NGPU * batch-size), 500-iteration linear warmup, 12 epochs with lr x0.1 after epochs 8
+and 11, single-scale 1333x800 with flip, 4conv1fc box head, frozen BN and frozen stem + res2.
+Per-init defaults (printed at start-up): scratch trains every stage with plain BN (SyncBN on
+several GPUs); AlignDet checkpoints use lr x1.5 and weight decay x0.5 (the official AlignDet protocol);
+Direct and Montage checkpoints keep the frozen BN, loaded from their pre-trained statistics.
+
+    python finetune.py --init scratch                                   # synthetic set, CPU or 1 GPU
+    torchrun --nproc_per_node=8 finetune.py --data-path /data/coco --init runs/direct/<run>/model_final.pth
+    python finetune.py --data-path /data/coco --init imagenet --eval-only --resume runs/finetune/<run>/checkpoint_last.pth
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from common import checkpoint, cli, dist
+from common.coco import CocoDetection, resolve_data
+from common.detectors import add_detector_args, build_detector_from_args, check_detector_args
+from common.engine import Run, evaluate, prepare_output_dir, targets_to
+from common.loader import aspect_groups, build_eval_loader, build_train_loader
+from common.optim import lr_at, param_groups, scaled_lr
+from common.transforms import PRESETS, detection_eval, detection_train, to_float_batch
+
+PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
+SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}  # epochs, lr steps (epochs)
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="Fine-tune a detector from any pre-training and evaluate it",
+                                     parents=[cli.base_parser()], add_help=add_help)
+    add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn=None)
+    g = parser.add_argument_group("fine-tuning")
+    g.add_argument("--init", default="imagenet", help="scratch | imagenet | PATH to a model_final.pth")
+    g.add_argument("--init-partial", action="store_true",
+                   help="load the keys of --init that fit this model and leave the rest fresh")
+    g.add_argument("--batch-size", type=int, default=2, help="images per GPU (global batch = NGPU x this)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="base lr (default: 0.02 R-CNN / 0.01 RetinaNet, FCOS at global batch 16, scaled)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    g.add_argument("--schedule", default="1x", choices=sorted(SCHEDULES), help="1x = 12 epochs, 2x = 24")
+    g.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
+    g.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs after which lr x0.1")
+    g.add_argument("--iters", type=int, default=None,
+                   help="train this many iterations instead of epochs; lr steps at 8/12 and 11/12 of them")
+    g.add_argument("--warmup-iters", type=int, default=500)
+    g.add_argument("--preset", default="800", choices=sorted(PRESETS), help="image-size preset (transforms.py)")
+    g.add_argument("--keep-empty-images", action="store_true", help="train on images without boxes too")
+    g.add_argument("--eval-only", action="store_true", help="evaluate --init or --resume, no training")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: at the end only)")
+    g.add_argument("--eval-batch-size", type=int, default=2)
+    g.add_argument("--eval-backend", default="auto", choices=["auto", "pycocotools", "faster"],
+                   help="auto = faster-coco-eval when installed (same stats), else pycocotools")
+    return parser
+
+
+def resolve_init(args, device):
+    """Reads the meta of --init and fills the per-init defaults (printed)."""
+    meta = {}
+    if args.init not in ("scratch", "imagenet"):
+        meta = checkpoint.load(args.init, kind="final")["meta"]
+    method = meta.get("method", args.init if args.init in ("scratch", "imagenet") else "checkpoint")
+    lr_mult, wd_mult = (1.5, 0.5) if method == "aligndet" else (1.0, 1.0)
+    if args.bn is None:
+        multi_gpu = dist.get_world_size() > 1 and device.type == "cuda"
+        args.bn = ("syncbn" if multi_gpu else "bn") if method == "scratch" else "frozen"
+    if method == "scratch" and args.trainable_layers == 3:
+        args.trainable_layers = 5  # nothing to keep frozen in a random network
+    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-4 * wd_mult
+    print(f"init: {args.init} (method {method}): bn={args.bn}, trainable layers={args.trainable_layers}, "
+          f"lr x{lr_mult}, weight decay {args.weight_decay:g}")
+    return meta, method, lr_mult
+
+
+def main(args):
+    device = dist.init_distributed(args.device, args.dist_timeout)
+    cli.check_args(args)
+    init_meta, method, lr_mult = resolve_init(args, device)
+    check_detector_args(args, device)
+    dist.seed_everything(args.seed)
+    data = resolve_data(args)
+    init_name = args.init if method in ("scratch", "imagenet") else \
+        f"{method}-{os.path.basename(os.path.dirname(os.path.abspath(args.init)))}"
+    prepare_output_dir(args, f"runs/finetune/{args.detector}_{args.backbone}_{init_name}")
+    print(f"args: {vars(args)}")
+
+    # data
+    with_masks = args.detector == "maskrcnn"
+    train_set = CocoDetection(data.train_images, data.train_ann, detection_train(args.preset), with_masks,
+                              keep_empty=args.keep_empty_images, skip_bad_images=args.skip_bad_images)
+    val_set = CocoDetection(data.val_images, data.val_ann, detection_eval(args.preset), with_masks=False,
+                            skip_bad_images=args.skip_bad_images)
+    print(f"train ({data.train_ann}): {train_set.summary()}")
+    print(f"val ({data.val_ann}): {val_set.summary()}")
+    if val_set.cat_ids != train_set.cat_ids:
+        raise cli.UserError(f"{data.val_ann}: its categories differ from {data.train_ann}'s")
+    train_loader = build_train_loader(train_set, args.batch_size, args.workers, args.seed, device,
+                                      group_ids=aspect_groups(train_set))
+    val_loader = build_eval_loader(val_set, args.eval_batch_size, args.workers, device)
+
+    # model
+    model = build_detector_from_args(args, train_set.num_classes, imagenet=args.init == "imagenet")
+    if args.init not in ("scratch", "imagenet"):
+        checkpoint.load_pretrained(model, args.init, allow_partial=args.init_partial)
+    model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+    if dist.get_world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    # optimisation: the 1x recipe, lr scaled linearly from global batch 16
+    global_batch = args.batch_size * dist.get_world_size()
+    base_lr = args.lr or scaled_lr(PAPER_LR[args.detector] * lr_mult, 16, global_batch)
+    optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay), lr=base_lr,
+                                momentum=args.momentum)
+    iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
+    epochs, steps = SCHEDULES[args.schedule]
+    epochs, steps = args.epochs or epochs, args.lr_steps or steps
+    if args.iters:
+        total = args.iters
+        lr_steps = [round(total * 8 / 12), round(total * 11 / 12)]
+    else:
+        total, lr_steps = epochs * iters_per_epoch, [s * iters_per_epoch for s in steps]
+    max_iters = min(total, args.max_iters or total)
+    print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), "
+          f"lr {base_lr:g} x0.1 at {lr_steps}, warmup {args.warmup_iters}" +
+          (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))
+    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size, device=device, method="finetune")
+    if args.eval_only:
+        stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+        write_results(args, stats, init_meta, run.compute_meta(), eval_only=True)
+        return
+
+    def on_epoch_end(epoch):
+        if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.iteration < max_iters:
+            stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+            run.log.scalars(epoch + 1, stats["bbox"], prefix="test/bbox_")
+            return {f"test_bbox_{k}": v for k, v in stats["bbox"].items()}
+
+    model.train()
+    for it, (images, targets) in run.batches(train_loader, on_epoch_end):
+        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        images, targets = to_float_batch(images, device), targets_to(targets, device)
+        with run.autocast():
+            losses = model(images, targets)
+        run.step(losses)
+
+    meta = run.finish(checkpoint.final_state(model_without_ddp),
+                      {"method": "finetune", "detector": args.detector, "backbone": args.backbone,
+                       "box_head": args.box_head, "num_classes": train_set.num_classes, "init": args.init,
+                       "trained": "all"})
+    stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+    run.log.jsonl({"iteration": run.iteration, **{f"test_bbox_{k}": v for k, v in stats["bbox"].items()}})
+    write_results(args, stats, init_meta, meta)
+
+
+def write_results(args, stats, init_meta, meta, eval_only=False):
+    """results.json: every COCO stat, the compute of this run and of the pre-training it started from."""
+    results = {"detector": args.detector, "backbone": args.backbone, "init": args.init,
+               "init_method": init_meta.get("method", args.init), "pretrain": init_meta,
+               "finetune": meta, "eval_only": eval_only, "seed": args.seed, **stats}
+    if dist.is_main_process():
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print_table(stats)
+
+
+def print_table(stats):
+    for iou_type in ("bbox", "segm"):
+        if iou_type in stats:
+            s = stats[iou_type]
+            print(f"{iou_type:>5}: " + "  ".join(f"{k} {v:.3f}" if v >= 0 else f"{k} n/a" for k, v in s.items()))
+    print(f"evaluated {stats['images']} images in {stats['seconds']} s")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny synthetic COCO set, and a runner for the scripts as subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from common import synthetic  # noqa: E402
+
+# the smallest detector configuration that still exercises every code path (CPU tests)
+TINY = ["--backbone", "resnet18", "--preset", "cpu", "--rpn-batch-size", "32", "--roi-batch-size", "32",
+        "--rpn-post-nms-train", "64", "--rpn-post-nms-test", "32", "--workers", "0", "--print-freq", "1",
+        "--anchor-scale", "0.5", "--no-tb"]
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A 24-image train / 8-image val synthetic set; returns the data flags of a custom COCO set."""
+    root = str(tmp_path_factory.mktemp("data") / "shapes")
+    synthetic.generate(root, num_train=24, num_val=8, seed=3)
+    return ["--train-images", f"{root}/train", "--train-ann", f"{root}/annotations/instances_train.json",
+            "--val-images", f"{root}/val", "--val-ann", f"{root}/annotations/instances_val.json"]
+
+
+def run_script(script, *args, expect_rc=0, timeout=600, env=None):
+    """Runs ``python <script> args`` from the repo root; asserts its exit status; returns the result."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run([sys.executable, *([script] if script.endswith(".py") else ["-m", script]),
+                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(f"{script} exited {proc.returncode} (expected {expect_rc})\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def iteration_losses(output_dir, key="loss"):
+    """{iteration: loss} from a run's log.txt (needs --print-freq 1)."""
+    out = {}
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if "epoch" not in rec and key in rec:
+                out[rec["iteration"]] = rec[key]
+    return out
+
+
+def pytest_configure(config):
+    # pycocotools' C extension trips a numpy 2 deprecation warning on every mask decode
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")

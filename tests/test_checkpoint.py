@@ -1,0 +1,116 @@
+"""The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report."""
+import os
+
+import pytest
+import torch
+
+from common import checkpoint
+from common.cli import UserError
+from common.detectors import build_detector
+
+
+def tiny(name="fasterrcnn", k=5, backbone="resnet18", norm="bn"):
+    return build_detector(name, k, backbone, norm, "4conv1fc", trainable_layers=5)
+
+
+def write_final(path, model, **meta):
+    checkpoint.save({"kind": "final", "model": checkpoint.final_state(model, **meta.pop("select", {})),
+                     "meta": meta}, str(path))
+    return str(path)
+
+
+def test_atomic_save_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint_last.pth")
+    checkpoint.save({"kind": "train_state", "iteration": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # e.g. a signal in the middle of the write
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"kind": "train_state", "iteration": 2}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["iteration"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint_last.pth"]
+
+
+def test_periodic_checkpoints_keep_the_newest_and_latest_skips_corrupt(tmp_path):
+    ck = checkpoint.Checkpointer(str(tmp_path), keep=2)
+    for it in (10, 20, 30):
+        ck.save({"kind": "train_state", "iteration": it}, periodic=True)
+    assert [os.path.basename(p) for p in ck.periodic()] == ["checkpoint_00000020.pth", "checkpoint_00000030.pth"]
+    assert checkpoint.load(ck.periodic()[0])["iteration"] == 20  # the hard link kept iteration 20's content
+    os.remove(ck.last)                                            # a new file (not the shared inode)
+    open(ck.last, "wb").write(b"garbage")                         # that got corrupted
+    assert ck.latest().endswith("checkpoint_00000030.pth")
+
+
+def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = str(tmp_path / "evil.pth")
+    torch.save({"kind": "final", "model": {}, "meta": Evil()}, path)
+    with pytest.raises(UserError, match="refused: the file holds Python objects"):
+        checkpoint.load(path)
+    assert not marker.exists()
+
+
+def test_kinds_are_explained(tmp_path):
+    state = str(tmp_path / "checkpoint_last.pth")
+    checkpoint.save({"kind": "train_state", "iteration": 3}, state)
+    with pytest.raises(UserError, match="training-state checkpoint .* --init expects the model_final.pth"):
+        checkpoint.load(state, kind="final")
+    final = str(tmp_path / "model_final.pth")
+    checkpoint.save({"kind": "final", "model": {}, "meta": {}}, final)
+    with pytest.raises(UserError, match="is a model_final.pth .* --resume expects a checkpoint_last.pth"):
+        checkpoint.load(final, kind="train_state")
+    open(tmp_path / "junk.pth", "wb").write(b"\x00" * 100)
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        checkpoint.load(str(tmp_path / "junk.pth"))
+
+
+def test_full_transfer_reports_every_part_loaded(tmp_path):
+    src = tiny("maskrcnn")
+    path = write_final(tmp_path / "m.pth", src, method="direct", detector="maskrcnn", backbone="resnet18")
+    dst = tiny("maskrcnn", norm="frozen")  # BN statistics + affine go into FrozenBatchNorm2d
+    report, meta = checkpoint.load_pretrained(dst, path)
+    assert meta["method"] == "direct"
+    for part in ("backbone", "fpn", "rpn", "box_head", "box_predictor", "mask_head", "mask_predictor"):
+        assert report[part]["loaded"] > 0 and report[part]["missing"] == 0, part
+    src_bn = src.backbone.body.bn1
+    assert torch.equal(dst.backbone.body.bn1.running_var, src_bn.running_var)
+    assert torch.equal(dst.backbone.body.bn1.weight, src_bn.weight.detach())
+
+
+def test_partial_and_mismatched_checkpoints(tmp_path, capsys):
+    src = tiny("fasterrcnn", k=5)
+    path = write_final(tmp_path / "f.pth", src, method="direct", num_classes=5)
+    other_classes = tiny("fasterrcnn", k=3)
+    with pytest.raises(UserError, match="does not fit this model .*num_classes=5.*--init-partial"):
+        checkpoint.load_pretrained(other_classes, path)
+    report, _ = checkpoint.load_pretrained(other_classes, path, allow_partial=True)
+    assert report["box_predictor"]["shape_mismatch"] == 4 and report["box_predictor"]["loaded"] == 0
+    assert report["box_head"]["loaded"] > 0
+    assert torch.equal(other_classes.roi_heads.box_head[0][0].weight, src.roi_heads.box_head[0][0].weight)
+    assert "shape_mismatch" in capsys.readouterr().out
+
+    backbone_only = write_final(tmp_path / "b.pth", src, method="montage", select={"keep": {"backbone"}})
+    fresh = tiny("fasterrcnn", k=3)
+    report, _ = checkpoint.load_pretrained(fresh, backbone_only)  # no refusal: nothing mismatches
+    assert report["backbone"]["missing"] == 0 and report["fpn"]["loaded"] == 0 and report["fpn"]["missing"] > 0
+
+    report, _ = checkpoint.load_pretrained(tiny("fasterrcnn", k=5), path, parts={"backbone", "fpn"})
+    assert report["rpn"]["not_requested"] > 0 and report["rpn"]["loaded"] == 0
+
+    with pytest.raises(UserError, match="does not fit"):  # another backbone: unknown keys, shapes differ
+        checkpoint.load_pretrained(build_detector("fasterrcnn", 5, "resnet50", "bn"), path)
+
+    nothing = str(tmp_path / "n.pth")
+    checkpoint.save({"kind": "final", "model": {"foo.weight": torch.zeros(1)}, "meta": {}}, nothing)
+    with pytest.raises(UserError, match="no key of the checkpoint matches this model"):
+        checkpoint.load_pretrained(tiny(), nothing)

@@ -1,0 +1,81 @@
+"""The evaluator: perfect detections score AP 1, scrambled ones about 0, with original category ids."""
+import pytest
+import torch
+
+from common.coco import CocoDetection
+from common.coco_eval import STAT_NAMES, coco_evaluate, faster_coco_eval_available, to_coco_results
+
+
+@pytest.fixture(scope="module")
+def val_set(shapes):
+    return CocoDetection(shapes[5], shapes[7], with_masks=True)
+
+
+def perfect_outputs(ds, scale=1.0):
+    """Ground truth as detector outputs, for an input image ``scale`` x the original size."""
+    outs = []
+    for i in range(len(ds)):
+        _, t = ds.load(i)
+        n = len(t["labels"])
+        outs.append((t, {"boxes": t["boxes"].as_subclass(torch.Tensor) * scale, "labels": t["labels"],
+                         "scores": torch.linspace(1, 0.5, n),
+                         "masks": t["masks"].float()[:, None]}))
+    return outs
+
+
+def results_of(ds, outs, scale=1.0):
+    res = []
+    for t, out in outs:
+        h, w = t["orig_size"]
+        res += to_coco_results(out, t["image_id"], (round(h * scale), round(w * scale)), (h, w), ds.cat_ids)
+    return res
+
+
+def test_ground_truth_scores_ap_one_with_original_category_ids(val_set):
+    outs = perfect_outputs(val_set, scale=2.0)  # outputs on a 2x resized input are mapped back
+    res = results_of(val_set, outs, scale=2.0)
+    used = {r["category_id"] for r in res}
+    assert used <= {1, 2, 4, 7, 9} and used & {7, 9}  # COCO ids, not the contiguous labels 1..5
+    for backend in ("pycocotools", "faster") if faster_coco_eval_available() else ("pycocotools",):
+        stats = coco_evaluate(val_set.coco_gt(), res, "bbox", backend)
+        assert set(stats) == set(STAT_NAMES)
+        assert stats["AP"] == pytest.approx(1.0, abs=1e-6) and stats["AR100"] == pytest.approx(1.0, abs=1e-6)
+        segm = coco_evaluate(val_set.coco_gt(), res, "segm", backend)
+        assert segm["AP50"] > 0.95
+
+
+def test_scrambled_boxes_score_near_zero(val_set):
+    g = torch.Generator().manual_seed(0)
+    outs = perfect_outputs(val_set)
+    res = []
+    for t, out in outs:
+        perm = torch.randperm(len(out["boxes"]), generator=g)
+        h, w = t["orig_size"]
+        boxes = torch.rand(len(perm), 4, generator=g) * torch.tensor([w, h, w, h]) / 2
+        boxes[:, 2:] += boxes[:, :2] / 4 + 2  # random small boxes
+        out = dict(out, boxes=boxes, labels=out["labels"][perm])
+        out.pop("masks")
+        res += to_coco_results(out, t["image_id"], (h, w), (h, w), val_set.cat_ids)
+    assert coco_evaluate(val_set.coco_gt(), res, "bbox")["AP"] < 0.05
+
+
+def test_no_detections_give_zero_not_an_error(val_set):
+    assert coco_evaluate(val_set.coco_gt(), [], "bbox")["AP"] == 0.0
+
+
+@pytest.mark.skipif(not faster_coco_eval_available(), reason="faster-coco-eval not installed")
+def test_faster_coco_eval_matches_pycocotools(val_set):
+    g = torch.Generator().manual_seed(1)
+    res = []
+    for t, out in perfect_outputs(val_set):
+        h, w = t["orig_size"]
+        jitter = torch.randn(out["boxes"].shape, generator=g) * 4  # imperfect: a spread of IoUs
+        shifted = torch.stack([m.roll(int(torch.randint(-4, 5, (1,), generator=g)), dims=-1) for m in out["masks"]])
+        out = dict(out, boxes=out["boxes"] + jitter, scores=torch.rand(len(jitter), generator=g), masks=shifted)
+        res += to_coco_results(out, t["image_id"], (h, w), (h, w), val_set.cat_ids)
+    for iou_type in ("bbox", "segm"):
+        a = coco_evaluate(val_set.coco_gt(), res, iou_type, "pycocotools")
+        b = coco_evaluate(val_set.coco_gt(), res, iou_type, "faster")
+        assert 0.05 < a["AP"] < 0.95
+        for k in STAT_NAMES:
+            assert a[k] == pytest.approx(b[k], abs=1e-4), k
