@@ -161,6 +161,7 @@ def main(args):
     meta = run.finish(checkpoint.final_state(model_without_ddp),
                       {"method": "finetune", "detector": args.detector, "backbone": args.backbone,
                        "box_head": args.box_head, "num_classes": train_set.num_classes, "init": args.init,
+                       "schedule": f"{total} it" if args.iters else f"{epochs} ep" if args.epochs else args.schedule,
                        "trained": "all"})
     stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
     run.log.jsonl({"iteration": run.iteration, **{f"test_bbox_{k}": v for k, v in stats["bbox"].items()}})

@@ -86,4 +86,13 @@ def run(main, parser, argv=None):
         main(args)
     except UserError as e:
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        record_error(args, user_message(e))
         sys.exit(2)
+
+
+def record_error(args, message):
+    """Leaves the reason a run stopped in <output-dir>/error.txt, where the results table reads it."""
+    out = getattr(args, "output_dir", None)
+    if out and os.path.isdir(out) and os.environ.get("RANK", "0") == "0":
+        with open(os.path.join(out, "error.txt"), "w") as f:
+            f.write(message + "\n")

@@ -46,8 +46,10 @@ def prepare_output_dir(args, default):
     dist.barrier()
     if dist.is_main_process():
         os.makedirs(out, exist_ok=True)
+        if os.path.exists(os.path.join(out, "error.txt")):
+            os.remove(os.path.join(out, "error.txt"))  # a new attempt: the last one's error is stale
         with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
+            json.dump({"script": os.path.basename(sys.argv[0]), **vars(args)}, f, indent=1)
     return out
 
 

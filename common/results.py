@@ -1,0 +1,218 @@
+"""The comparison table: every fine-tuning run of a runs directory -> results.md, results.csv, results.png.
+
+    python -m common.results runs/demo                  # any directory holding finetune.py run directories
+    python -m common.results runs/compare --expect ft-scratch-s0 ft-direct-p1x-s0 ...
+
+A fine-tuning run is a directory whose args.json was written by finetune.py. Its row comes from its
+results.json (COCO stats, the fine-tune's compute and the meta of the checkpoint it started from); the
+pre-training compute is the checkpoint's device-hours plus those of the checkpoints it started from
+(e.g. AlignDet's backbone). Runs that differ only in --seed form one row, shown as mean ± std. A run
+without results.json appears as failed (its error.txt) or incomplete (its last logged iteration), and an
+``--expect``-ed run directory that does not exist as missing: never as zeros.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+
+AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+COLUMNS = ("method", "detector", "backbone", "pre-train", "fine-tune", *AP_COLUMNS, "mask AP",
+           "pre-train h", "fine-tune h", "total h", "device", "seeds", "status")
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def pretrain_hours(meta):
+    """Device-hours of a checkpoint and of the checkpoints it started from (None when unknown)."""
+    if not meta or "device_hours" not in meta:
+        return None
+    return meta["device_hours"] + sum(pretrain_hours(meta[k]) or 0.0 for k in ("init_meta", "backbone_meta")
+                                      if isinstance(meta.get(k), dict))
+
+
+def _method(init, pretrain):
+    if init in ("scratch", "imagenet"):
+        return init
+    return pretrain.get("method") or os.path.basename(os.path.dirname(os.path.abspath(init)))
+
+
+def _pretrain_schedule(init, pretrain):
+    if init == "scratch":
+        return "none"
+    if init == "imagenet":
+        return "ImageNet-1k (torchvision)"
+    return str(pretrain.get("schedule") or f"{pretrain.get('iterations', '?')} it")
+
+
+def read_run(run_dir):
+    """One fine-tuning run -> a dict of its row's fields (numbers as floats, None where unknown)."""
+    args = _read_json(os.path.join(run_dir, "args.json"))
+    name = os.path.basename(os.path.normpath(run_dir))
+    results_path = os.path.join(run_dir, "results.json")
+    row = {"run": name, "detector": args.get("detector"), "backbone": args.get("backbone"), "seed": args.get("seed")}
+    if os.path.exists(results_path) and not _read_json(results_path).get("eval_only"):
+        res = _read_json(results_path)
+        pre, ft = res.get("pretrain") or {}, res["finetune"]
+        pre_h = pretrain_hours(pre) if args["init"] != "scratch" else 0.0
+        row.update(method=_method(args["init"], pre), status="done",
+                   **{"pre-train": _pretrain_schedule(args["init"], pre), "fine-tune": str(ft.get("schedule")),
+                      "pre-train h": pre_h, "fine-tune h": ft["device_hours"],
+                      "total h": None if pre_h is None else pre_h + ft["device_hours"],
+                      "device": ft.get("device_type")},
+                   **{k: res["bbox"][k] for k in AP_COLUMNS},
+                   **{"mask AP": res["segm"]["AP"] if "segm" in res else None})
+        return row
+    init = args.get("init", "?")
+    row.update(method=_method(init, {}) if init in ("scratch", "imagenet") else os.path.basename(
+        os.path.dirname(os.path.abspath(init))), **{"pre-train": "?", "fine-tune": "?"})
+    error = os.path.join(run_dir, "error.txt")
+    if os.path.exists(error):
+        with open(error) as f:
+            row["status"] = "failed: " + f.read().strip()
+    else:
+        last = _last_iteration(os.path.join(run_dir, "log.txt"))
+        row["status"] = f"incomplete: stopped after iteration {last}" if last else "incomplete: no iteration logged"
+    return row
+
+
+def _last_iteration(log_path):
+    last = None
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for line in f:
+                try:
+                    last = json.loads(line).get("iteration", last)
+                except json.JSONDecodeError:
+                    pass  # a line cut by a crash
+    return last
+
+
+def find_runs(runs_dir):
+    """The finetune.py run directories under runs_dir (any depth), sorted."""
+    found = []
+    for root, _, files in os.walk(runs_dir):
+        if "args.json" in files:
+            try:
+                if _read_json(os.path.join(root, "args.json")).get("script") == "finetune.py":
+                    found.append(root)
+            except json.JSONDecodeError:
+                continue
+    return sorted(found)
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def aggregate(rows):
+    """Rows that differ only by seed -> one row with mean and std per numeric column."""
+    key_fields = ("method", "detector", "backbone", "pre-train", "fine-tune", "status")
+    groups = {}
+    for r in rows:
+        key = tuple(r.get(k) if k != "status" or r["status"] == "done" else r["run"] for k in key_fields)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        row = {k: first.get(k) for k in ("method", "detector", "backbone", "pre-train", "fine-tune", "device",
+                                         "status")}
+        row["seeds"] = len(members)
+        for k in (*AP_COLUMNS, "mask AP", "pre-train h", "fine-tune h", "total h"):
+            row[k], row[k + " std"] = _mean_std([m.get(k) for m in members])
+        out.append(row)
+    return out
+
+
+def _fmt(value, std, digits):
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = []
+        for k in COLUMNS:
+            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "fine-tune h", "total h"):
+                cells.append("—")
+            elif k in (*AP_COLUMNS, "mask AP"):
+                cells.append(_fmt(r[k] if r[k] is None or r[k] >= 0 else None, r[k + " std"], 3))
+            elif k.endswith(" h"):
+                cells.append(_fmt(r[k], r[k + " std"], 4))
+            else:
+                cells.append(str(r.get(k) if r.get(k) is not None else "n/a"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows, path):
+    """AP against total device-hours, one point per method (error bars = std over seeds)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for r in rows:
+        if r["status"] == "done" and r["total h"] is not None:
+            ax.errorbar(r["total h"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total h std"] or 0, fmt="o",
+                        capsize=3)
+            ax.annotate(f"{r['method']} {r['pre-train'] if r['method'] not in ('scratch',) else ''}".strip(),
+                        (r["total h"], r["AP"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    device = next((r["device"] for r in rows if r.get("device")), "device")
+    ax.set_xlabel(f"total {'GPU' if device != 'cpu' else 'CPU'}-hours (pre-training + fine-tuning)")
+    ax.set_ylabel("box AP")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_results(runs_dir, expect=(), out_dir=None):
+    """Writes results.md, results.csv and results.png into out_dir (default runs_dir); returns the rows."""
+    out_dir = out_dir or runs_dir
+    rows = [read_run(d) for d in find_runs(runs_dir)]
+    present = {r["run"] for r in rows}
+    rows += [{"run": name, "method": name, "status": "missing: the run was not started (an earlier stage "
+              "failed?)"} for name in expect if name not in present]
+    table = aggregate(rows)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(markdown(table))
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        fields = [c for k in COLUMNS for c in ((k, k + " std") if k in (*AP_COLUMNS, "mask AP", "pre-train h",
+                                                                        "fine-tune h", "total h") else (k,))]
+        writer = csv.DictWriter(f, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                           for k, v in r.items()} for r in table])
+    plot(table, os.path.join(out_dir, "results.png"))
+    return table
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Collect fine-tuning runs into results.md/.csv/.png")
+    parser.add_argument("runs_dir")
+    parser.add_argument("--expect", nargs="*", default=[], help="run directory names that should exist")
+    parser.add_argument("--out", default=None, help="where to write (default: runs_dir)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.runs_dir):
+        sys.exit(f"error: {args.runs_dir}: no such directory (expected a directory of finetune.py runs)")
+    table = write_results(args.runs_dir, args.expect, args.out)
+    print(markdown(table), end="")
+    print(f"wrote results.md, results.csv, results.png to {args.out or args.runs_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The comparison's results writer on a fabricated runs directory."""
+import csv
+import json
+import os
+
+from PIL import Image
+
+from common.results import write_results
+
+
+def _stats(ap):
+    return {"AP": ap, "AP50": ap + 0.2, "AP75": ap - 0.05, "APs": -1.0, "APm": ap / 2, "APl": ap}
+
+
+def _run(root, name, init, seed=0, results=None, error=None, log=None):
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "args.json"), "w") as f:
+        json.dump({"script": "finetune.py", "init": init, "detector": "fasterrcnn", "backbone": "resnet18",
+                   "seed": seed}, f)
+    if results:
+        with open(os.path.join(d, "results.json"), "w") as f:
+            json.dump(results, f)
+    if error:
+        with open(os.path.join(d, "error.txt"), "w") as f:
+            f.write(error + "\n")
+    if log:
+        with open(os.path.join(d, "log.txt"), "w") as f:
+            f.write("\n".join(json.dumps(r) for r in log) + "\n{\"iteration\": 9")  # last line cut by a crash
+
+
+def _results(ap, ft_hours, pretrain=None, segm=None):
+    res = {"bbox": _stats(ap), "pretrain": pretrain or {}, "eval_only": False,
+           "finetune": {"schedule": "100 it", "device_hours": ft_hours, "device_type": "cpu"}}
+    if segm is not None:
+        res["segm"] = _stats(segm)
+    return res
+
+
+def test_table_csv_and_plot(tmp_path):
+    root = str(tmp_path / "runs")
+    _run(root, "ft-scratch-s0", "scratch", 0, _results(0.30, 0.01))
+    _run(root, "ft-scratch-s1", "scratch", 1, _results(0.40, 0.03))
+    direct = {"method": "direct", "schedule": "P1x", "device_hours": 0.5, "iterations": 10}
+    _run(root, "ft-direct-s0", "runs/direct-p1x/model_final.pth", 0, _results(0.5, 0.02, direct, segm=0.25))
+    aligndet = {"method": "aligndet", "iterations": 7, "device_hours": 0.25,
+                "backbone_meta": {"method": "montage", "device_hours": 0.5}}
+    _run(root, "ft-aligndet-s0", "runs/aligndet/model_final.pth", 0, _results(0.45, 0.25, aligndet))
+    _run(root, "ft-imagenet-s0", "imagenet", 0, error="ImageNet weights unavailable offline")
+    _run(root, "ft-predet-s0", "runs/predet/model_final.pth", 0, log=[{"iteration": 3}, {"iteration": 7}])
+    os.makedirs(os.path.join(root, "direct-p1x"))  # a pre-training run: not a row
+    with open(os.path.join(root, "direct-p1x", "args.json"), "w") as f:
+        json.dump({"script": "direct.py"}, f)
+
+    rows = write_results(root, expect=["ft-scratch-s0", "ft-montage-s0"])
+
+    with open(os.path.join(root, "results.md")) as f:
+        table = f.read().splitlines()
+    assert table[0].startswith("| method | detector | backbone | pre-train | fine-tune | AP | AP50 |")
+    body = {line.split(" | ")[0][2:]: line for line in table[2:]}
+    assert len(table) == 2 + 6
+    assert body["aligndet"] == ("| aligndet | fasterrcnn | resnet18 | 7 it | 100 it | 0.450 | 0.650 | 0.400 | n/a "
+                                "| 0.225 | 0.450 | n/a | 0.7500 | 0.2500 | 1.0000 | cpu | 1 | done |")
+    assert body["direct"] == ("| direct | fasterrcnn | resnet18 | P1x | 100 it | 0.500 | 0.700 | 0.450 | n/a "
+                              "| 0.250 | 0.500 | 0.250 | 0.5000 | 0.0200 | 0.5200 | cpu | 1 | done |")
+    # two seeds -> mean ± sample std
+    assert body["scratch"].startswith("| scratch | fasterrcnn | resnet18 | none | 100 it | 0.350 ± 0.071 |")
+    assert "| 0.0000 ± 0.0000 | 0.0200 ± 0.0141 | 0.0200 ± 0.0141 | cpu | 2 | done |" in body["scratch"]
+    # failures are shown as such, never as zeros
+    assert body["imagenet"].endswith("| — | — | — | — | — | — | — | n/a | — | — | n/a | 1 | "
+                                     "failed: ImageNet weights unavailable offline |")
+    assert body["predet"].endswith("incomplete: stopped after iteration 7 |")
+    assert body["ft-montage-s0"].endswith("missing: the run was not started (an earlier stage failed?) |")
+    assert len(rows) == 6
+
+    with open(os.path.join(root, "results.csv")) as f:
+        records = list(csv.DictReader(f))
+    scratch = next(r for r in records if r["method"] == "scratch")
+    assert float(scratch["AP"]) == 0.35 and abs(float(scratch["AP std"]) - 0.0707107) < 1e-6
+    imagenet = next(r for r in records if r["method"] == "imagenet")
+    assert imagenet["AP"] == "" and imagenet["status"].startswith("failed")
+
+    with Image.open(os.path.join(root, "results.png")) as png:
+        png.verify()
+        assert png.format == "PNG" and png.size[0] > 300
