@@ -1,0 +1,615 @@
+"""PreDet pre-training: classification pre-training plus query-box lookup across two views.
+
+PreDet (Ramanathan, Wang, Mahajan, "PreDet: Large-Scale Weakly Supervised Pre-Training for Detection",
+ICCV 2021, openaccess.thecvf.com/content/ICCV2021, paper Ramanathan_PreDet_Large-Scale_Weakly_Supervised...)
+trains a ResNet-FPN from scratch with L = L_cls + L_crpn + L_info + L_croi-reg, all weights 1:
+- L_cls: multi-label cross-entropy (Mahajan et al. 2018: softmax against the k-hot target normalised to
+  sum 1) from one classification head (global average pool + linear) shared by every FPN level, averaged
+  over the levels P2-P6 and both views. On COCO the image's annotated category set stands in for the
+  paper's noisy hashtags.
+- Two MoCo-v2 views of each image (random resized crop 480x480, colour jitter, grayscale, blur, flip) and Q
+  query boxes visible in both. View 2's RoI-pooled query features f_q look up the same boxes in view 1:
+- CRPN: per-anchor D-dim features of view 1 dotted with A per-query vectors from f_q give a score and 4
+  deltas for every (query, anchor) pair; trained like an RPN on each anchor's max-IoU query.
+- CROI: proposals (CRPN's top boxes for any query, plus the queries) and the queries go through the same
+  box head and FC; InfoNCE on cosine similarities (one positive per query against up to 512 proposals
+  away from every query, tau 0.07) and a regression of the positive onto the query from b_q (4xD) . b_p (D).
+There is no official code: this is a from-scratch reading of the paper (../shared/docs/methods.md sec. 2).
+
+Transfer: model_final.pth holds the backbone, the FPN, the CRPN's 3x3 conv (as ``rpn.head.conv``, the
+same module as torchvision's RPNHead conv) and the box head (as ``roi_heads.box_head``) in the keys of
+common/detectors.py's Faster/Mask R-CNN; RPN objectness/deltas and the box predictor start fresh in
+fine-tuning. A part whose losses were switched off is not exported.
+
+Choices where the paper is silent (flag, default):
+  --predet-queries random|proposals (random): random boxes (sqrt-area fraction of the two crops' overlap
+    in --predet-random-scale 0.1 0.8, aspect 1/3..3) or the repo's selective-search file (--proposals;
+    the paper's EdgeBoxes need a model file we cannot get); queries are clipped to the overlap of the two
+    crops so both views show the same content, kept when >= --predet-min-query 8 px in both views, NMS'd at
+    --predet-query-nms 0.5 and randomly sampled; an image with no visible proposal gets random queries.
+    The two crop windows are redrawn (10 tries, then one window for both) until their overlap holds a
+    query; MoCo-v2's crop area --predet-crop-scale 0.2 1.0 and a blur kernel of ~10% of the view side.
+  --predet-dim 256: D of the CRPN features and of the CROI embedding/regression projections.
+  CRPN: d2 RPN defaults: --predet-crpn-batch 256 anchors/image at --predet-crpn-pos-fraction 0.5 (the
+    paper's 128 + 128, negatives fill in), low-quality matches on (--predet-crpn-no-low-quality for the
+    literal 0.7 rule), deltas weights (1,1,1,1); proposals: --predet-pre-nms 2000 per level,
+    --predet-nms 0.7, --predet-post-nms 512 per image, plus the queries in view-1 coordinates.
+  --predet-smooth-l1-beta 0.0 (d2's L1) for both regressions; CROI box coder weights (10, 10, 5, 5).
+  CROI: the positive is drawn uniformly among proposals with IoU > 0.5 with the query; P_neg is drawn
+    uniformly among those with IoU < 0.5 to every query (--predet-neg 512); negatives are per image.
+  --predet-no-crpn (Table 1): the CROI head sees 4 jittered copies of each query and --predet-post-nms
+    random boxes instead of CRPN proposals.
+  Schedule: the paper's 540k iterations at 1024 views do not fit COCO; default --epochs 100 of COCO
+    train2017, lr 0.2 at 1024 views scaled linearly, x0.1 at 1/5..4/5 of training, 1000-iteration
+    warmup, SGD momentum 0.9, weight decay 1e-4 (d2). --init scratch (the paper trains from scratch),
+    plain BN (SyncBN on several GPUs). meta "images_seen" counts images (2 views each).
+  --analyze-similarity: the paper's Fig. 5b for any checkpoint (see ``analyze_similarity``).
+
+    python predet.py                                 # synthetic set, defaults (slow on a CPU: use the next one)
+    python predet.py --backbone resnet18 --preset cpu --anchor-scale 0.5 --predet-dim 64 --predet-num-queries 8 \\
+        --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 16 --warmup-iters 4 --lr 0.02 --clip-grad 10 \\
+        --device cpu --workers 1                     # CPU demo, ~1.5 min on 2 cores
+    torchrun --nproc_per_node=8 predet.py --data-path /data/coco        # 8 GPUs x 4 images (8 views)
+    python predet.py --analyze-similarity runs/predet/<run>/model_final.pth --data-path /data/coco
+lr for other GPU counts: 0.2 x (2 x batch-size x NGPU) / 1024.
+"""
+import argparse
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import tv_tensors
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, nms
+from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.transforms import v2
+
+from common import checkpoint, cli, dist
+from common.coco import CocoDetection, resolve_data
+from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_detector, parts_of
+from common.engine import Run, prepare_output_dir
+from common.loader import build_train_loader
+from common.proposals import load_proposals
+from common.optim import lr_at, param_groups, scaled_lr
+from common.transforms import normalize
+
+SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the CPU demo's
+EXPORT = (("backbone.", "backbone."), ("crpn.conv.", "rpn.head.conv."), ("croi.box_head.", "roi_heads.box_head."))
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="PreDet pre-training", parents=[cli.base_parser()],
+                                     add_help=add_help)
+    g = parser.add_argument_group("model")
+    g.add_argument("--backbone", default="resnet50", help="|".join(BACKBONES))
+    g.add_argument("--box-head", default="4conv1fc", choices=BOX_HEADS, help="CROI box head (transfers)")
+    g.add_argument("--bn", default=None, choices=["bn", "syncbn", "frozen"],
+                   help="backbone norm (default: syncbn on several GPUs, else bn)")
+    g.add_argument("--trainable-layers", type=int, default=5, help="trainable ResNet stages from the top")
+    g.add_argument("--init", default="scratch", choices=["scratch", "imagenet"], help="backbone start")
+    g.add_argument("--anchor-scale", type=float, default=1.0, help="multiplies anchor sizes 32..512")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=4, help="images per GPU (2 views each); paper: 4")
+    g.add_argument("--lr", type=float, default=None, help="default 0.2 at 1024 views, scaled linearly")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--iters", type=int, default=None, help="train this many iterations instead of epochs")
+    g.add_argument("--warmup-iters", type=int, default=1000)
+    g.add_argument("--preset", default="480", choices=sorted(SIZES), help="view size: 480 or cpu (128)")
+    g = parser.add_argument_group("analysis")
+    g.add_argument("--analyze-similarity", metavar="CKPT", default=None,
+                   help="no training: IoU-vs-similarity correlation (Fig. 5b) of any model_final.pth")
+    g.add_argument("--analyze-images", type=int, default=100, help="validation images for the analysis")
+    # PreDet specific
+    g = parser.add_argument_group("PreDet")
+    g.add_argument("--predet-queries", default="random", choices=["random", "proposals"])
+    g.add_argument("--proposals", default=None, help="proposal JSON of common/proposals.py")
+    g.add_argument("--predet-num-queries", type=int, default=16, help="Q per image")
+    g.add_argument("--predet-random-scale", type=float, nargs=2, default=(0.1, 0.8))
+    g.add_argument("--predet-min-query", type=float, default=8.0, help="min query side in each view (px)")
+    g.add_argument("--predet-query-nms", type=float, default=0.5)
+    g.add_argument("--predet-crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="MoCo-v2 crop area")
+    g.add_argument("--predet-dim", type=int, default=256, help="D")
+    g.add_argument("--predet-crpn-batch", type=int, default=256)
+    g.add_argument("--predet-crpn-pos-fraction", type=float, default=0.5)
+    g.add_argument("--predet-crpn-no-low-quality", action="store_true")
+    g.add_argument("--predet-pre-nms", type=int, default=2000, help="top-K proposals per level")
+    g.add_argument("--predet-nms", type=float, default=0.7)
+    g.add_argument("--predet-post-nms", type=int, default=512, help="K_nms proposals per image")
+    g.add_argument("--predet-neg", type=int, default=512, help="|P_neg| per image")
+    g.add_argument("--predet-tau", type=float, default=0.07)
+    g.add_argument("--predet-smooth-l1-beta", type=float, default=0.0)
+    for term, what in (("cls", "L_cls"), ("det", "L_crpn, L_info and L_croi-reg: classification only"),
+                       ("crpn", "L_crpn: the CROI head sees random boxes"), ("croi", "L_info and L_croi-reg"),
+                       ("croi-reg", "L_croi-reg")):
+        g.add_argument(f"--predet-no-{term}", action="store_true", help=f"switch {what} off (Table 1)")
+    return parser
+
+
+# ---------------------------------------------------------------- data: two views with shared queries
+def random_boxes(window, n, scale):
+    """n random XYXY boxes inside ``window`` (x0, y0, x1, y1): side sqrt(w*h) a fraction in ``scale`` of the
+    window's, aspect log-uniform in [1/3, 3]. Returns [n, 4]."""
+    x0, y0, x1, y1 = window
+    ww, wh = x1 - x0, y1 - y0
+    side = torch.empty(n).uniform_(*scale) * (ww * wh) ** 0.5
+    aspect = torch.exp(torch.empty(n).uniform_(-1.0986, 1.0986))  # ln 3
+    w, h = (side * aspect.sqrt()).clamp(max=ww), (side / aspect.sqrt()).clamp(max=wh)
+    bx, by = x0 + torch.rand(n) * (ww - w), y0 + torch.rand(n) * (wh - h)
+    return torch.stack([bx, by, bx + w, by + h], 1)
+
+
+class TwoViewsWithQueries:
+    """(image, target) -> (views [2, 3, S, S] uint8, info): two MoCo-v2 views and the queries in each.
+
+    The queries are sampled inside the overlap of the two crop windows, so query i covers the same pixels
+    of the original image in both views (identity = row index): info = {queries1 [Q, 4], queries2 [Q, 4]
+    (XYXY in each view's pixels), cls_target [C] k-hot of the annotated categories}."""
+
+    def __init__(self, size, num_classes, args, proposals=None):
+        self.size, self.num_classes, self.args, self.proposals = size, num_classes, args, proposals
+        self.crop = v2.RandomResizedCrop(size, scale=tuple(args.predet_crop_scale))
+        blur = size // 10 * 2 + 1  # ~10% of the side, odd (SimCLR)
+        self.photometric = v2.Compose([v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                                       v2.RandomGrayscale(0.2),
+                                       v2.RandomApply([v2.GaussianBlur(blur, sigma=(0.1, 2.0))], p=0.5)])
+
+    def __call__(self, image, target):
+        crops = self.sample_crops(image)
+        (t1, l1, h1, w1), (t2, l2, h2, w2) = crops
+        overlap = (max(l1, l2), max(t1, t2), min(l1 + w1, l2 + w2), min(t1 + h1, t2 + h2))
+        queries = self.sample_queries(target["image_id"], overlap, crops)
+        (view1, q1), (view2, q2) = (self.view(image, queries, c) for c in crops)
+        cls_target = torch.zeros(self.num_classes)
+        cls_target[target["labels"] - 1] = 1.0
+        return torch.stack([view1, view2]), {"queries1": q1, "queries2": q2, "cls_target": cls_target}
+
+    def sample_crops(self, image, tries=10):
+        """Two RandomResizedCrop windows (top, left, h, w) whose overlap fits a minimal query in both
+        views; after ``tries`` failures both views use the first window."""
+        min_side = self.args.predet_min_query
+        for _ in range(tries):
+            crops = [self.crop.make_params([image]) for _ in range(2)]
+            crops = [(c["top"], c["left"], c["height"], c["width"]) for c in crops]
+            (t1, l1, h1, w1), (t2, l2, h2, w2) = crops
+            ow, oh = min(l1 + w1, l2 + w2) - max(l1, l2), min(t1 + h1, t2 + h2) - max(t1, t2)
+            if min(ow / max(w1, w2), oh / max(h1, h2)) * self.size >= 2 * min_side:
+                return crops
+        return [crops[0], crops[0]]
+
+    def sample_queries(self, image_id, overlap, crops):
+        """Up to Q boxes [Q, 4] in original pixels inside the overlap, >= min-query px in both views: the
+        image's proposals clipped to the overlap, else (none visible, or --predet-queries random) random
+        boxes, else the overlap itself; NMS'd, then a random subset."""
+        a = self.args
+        candidates = [random_boxes(overlap, 4 * a.predet_num_queries, a.predet_random_scale),
+                      torch.tensor([overlap], dtype=torch.float)]
+        if self.proposals is not None:
+            props = self.proposals.get(image_id, torch.zeros(0, 4))
+            lo, hi = torch.tensor(overlap[:2], dtype=torch.float), torch.tensor(overlap[2:], dtype=torch.float)
+            candidates.insert(0, torch.cat([props[:, :2].clamp(lo, hi), props[:, 2:].clamp(lo, hi)], 1))
+        px_per_orig = torch.tensor([min(self.size / c[3] for c in crops), min(self.size / c[2] for c in crops)])
+        for cand in candidates:
+            visible = ((cand[:, 2:] - cand[:, :2]) * px_per_orig >= a.predet_min_query).all(1)
+            if visible.any():
+                break
+        cand = cand[visible]
+        keep = nms(cand, torch.rand(len(cand)), a.predet_query_nms)[: a.predet_num_queries]
+        return cand[keep]
+
+    def view(self, image, queries, crop):
+        boxes = tv_tensors.BoundingBoxes(queries, format="XYXY", canvas_size=tuple(image.shape[-2:]))
+        image, boxes = (v2.functional.resized_crop(x, *crop, size=[self.size, self.size]) for x in (image, boxes))
+        if torch.rand(()) < 0.5:
+            image, boxes = v2.functional.horizontal_flip(image), v2.functional.horizontal_flip(boxes)
+        return self.photometric(image), boxes.as_subclass(torch.Tensor).clamp(0, self.size)
+
+
+def collate_views(batch):
+    """-> (views [B, 2, 3, S, S] uint8, list of info dicts); skipped bad images (None) are dropped."""
+    views, info = zip(*[b for b in batch if b is not None])
+    return torch.stack(views), list(info)
+
+
+# ---------------------------------------------------------------- the PreDet model and its losses
+def crpn_scores(anchor_feats, query_vecs):
+    """Score of every (query, anchor) pair: <f_I^cls[b, a, :, y, x], f_q^cls[b, q, a, :]>.
+
+    anchor_feats: [B, A, D, H, W]; query_vecs: [B, Q, A, D] -> [B, Q, A, H, W]. The paper's 1x1 group
+    convolution (groups = A, the query vectors as weights [Q*A, D, 1, 1] reordered anchor-major) computes
+    the same numbers; einsum does all queries at once without the reordering (tested equal)."""
+    return torch.einsum("badhw,bqad->bqahw", anchor_feats, query_vecs)
+
+
+def crpn_labels(anchors, queries, low_quality=True):
+    """Anchor -> (query index [N], label [N]: 1 pos (IoU > 0.7), 0 neg (< 0.3), -1 ignored).
+
+    Each anchor takes its max-IoU query (a random query when every IoU is 0). ``low_quality``: each
+    query's best anchors are positives too (d2/torchvision RPN matcher)."""
+    iou = box_iou(anchors, queries)  # [N, Q]
+    best, matched = iou.max(1)
+    zero = best == 0
+    matched[zero] = torch.randint(len(queries), (int(zero.sum()),), device=anchors.device)
+    labels = torch.full_like(best, -1.0)
+    labels[best < 0.3] = 0.0
+    labels[best > 0.7] = 1.0
+    if low_quality:
+        per_query = iou.max(0).values  # [Q]
+        a_idx, q_idx = torch.nonzero((iou == per_query[None]) & (per_query[None] > 0), as_tuple=True)
+        labels[a_idx], matched[a_idx] = 1.0, q_idx
+    return matched, labels
+
+
+def info_nce(s_pos, s_neg, tau):
+    """L_info per query: -log(exp(s+/tau) / (exp(s+/tau) + sum_neg exp(s-/tau))). s_pos [Q], s_neg [Q, N]."""
+    logits = torch.cat([s_pos[:, None], s_neg], 1) / tau  # [Q, 1 + N]
+    return F.cross_entropy(logits, torch.zeros(len(s_pos), dtype=torch.long, device=s_pos.device),
+                           reduction="none")
+
+
+class ContrastiveRPN(nn.Module):
+    """CRPN: a 3x3 conv (torchvision RPNHead's, so it transfers), then per anchor D-dim classification and
+    regression features of view 1; from f_q [.., 256*7*7], A classification vectors and A x 4 regression
+    vectors per query. Outputs scores [B, Q, N] and deltas [B, Q, N, 4], N = sum over levels of H*W*A
+    in torchvision's anchor order (level, y, x, anchor)."""
+
+    def __init__(self, num_anchors, dim, roi_dim=256 * 7 * 7):
+        super().__init__()
+        self.A, self.D = num_anchors, dim
+        self.conv = nn.Sequential(Conv2dNormActivation(256, 256, kernel_size=3, norm_layer=None))
+        self.anchor_cls = nn.Conv2d(256, num_anchors * dim, 1)
+        self.anchor_reg = nn.Conv2d(256, num_anchors * dim, 1)
+        self.query_cls = nn.Linear(roi_dim, num_anchors * dim)
+        self.query_reg = nn.Linear(roi_dim, num_anchors * 4 * dim)
+        for conv in (self.conv[0][0], self.anchor_cls, self.anchor_reg):
+            nn.init.normal_(conv.weight, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features, fq):
+        B, Q = fq.shape[:2]
+        q_cls = self.query_cls(fq).view(B, Q, self.A, self.D)  # [B, Q, A, D]
+        q_reg = self.query_reg(fq).view(B, Q, self.A, 4, self.D)  # [B, Q, A, 4, D]
+        scores, deltas = [], []
+        for x in features:
+            t = self.conv(x)  # [B, 256, H, W]
+            H, W = t.shape[-2:]
+            a_cls = self.anchor_cls(t).view(B, self.A, self.D, H, W)
+            a_reg = self.anchor_reg(t).view(B, self.A, self.D, H, W)
+            s = crpn_scores(a_cls, q_cls)  # [B, Q, A, H, W]
+            scores.append(s.permute(0, 1, 3, 4, 2).reshape(B, Q, -1))
+            d = torch.einsum("badhw,bqacd->bqhwac", a_reg, q_reg)  # [B, Q, H, W, A, 4]
+            deltas.append(d.reshape(B, Q, -1, 4))
+        return torch.cat(scores, 2), torch.cat(deltas, 2)
+
+
+class ContrastiveROIHead(nn.Module):
+    """CROI: the box head (shared by proposals and queries) -> b [.., 1024]; one FC embeds b for the cosine
+    similarity s_pq; FCs project b_q to 4 x D and b_p to D, whose product gives the 4 deltas of p onto q."""
+
+    def __init__(self, box_head, dim, with_regression=True):
+        super().__init__()
+        self.box_head, self.D = box_head, dim
+        self.embed = nn.Linear(1024, dim)
+        if with_regression:  # small init: the product of two projections starts near 0 deltas
+            self.reg_query = nn.Linear(1024, 4 * dim)
+            self.reg_proposal = nn.Linear(1024, dim)
+            for fc in (self.reg_query, self.reg_proposal):
+                nn.init.normal_(fc.weight, std=0.01)
+                nn.init.zeros_(fc.bias)
+
+    def similarity_inputs(self, roi_feats):
+        b = self.box_head(roi_feats)  # [n, 1024]
+        return b, F.normalize(self.embed(b).float(), dim=1)  # [n, 1024], [n, D] unit length (fp32)
+
+    def deltas(self, b_q, b_p):
+        """[Q, 1024] x [Q, 1024] (matched rows) -> [Q, 4]."""
+        return torch.einsum("qcd,qd->qc", self.reg_query(b_q).view(-1, 4, self.D), self.reg_proposal(b_p))
+
+
+class PreDet(nn.Module):
+    """Backbone + FPN, the shared classification head and the CRPN / CROI pretext heads (each built only
+    when its losses are on). forward(view1, view2 [B, 3, S, S] normalised, queries1/2 lists of [Q_b, 4],
+    cls_targets [B, C]) -> {loss_cls, loss_crpn_cls, loss_crpn_reg, loss_info, loss_croi_reg}."""
+
+    def __init__(self, args, num_classes):
+        super().__init__()
+        self.args = args
+        self.backbone = build_backbone(args.backbone, args.bn, args.trainable_layers, args.init == "imagenet")
+        self.cls_head = nn.Linear(256, num_classes) if args.use_cls else None
+        sizes = tuple((round(s * args.anchor_scale),) for s in (32, 64, 128, 256, 512))  # = the detector's
+        self.anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)  # A = 3 per location, P2-P6
+        self.roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)  # level by box size (FPN rule)
+        self.crpn = ContrastiveRPN(3, args.predet_dim) if args.use_crpn else None
+        if args.use_croi:
+            head = (FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=None)
+                    if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024))
+            self.croi = ContrastiveROIHead(head, args.predet_dim, args.use_croi_reg)
+        else:
+            self.croi = None
+        self.crpn_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.croi_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(args.predet_crpn_batch,
+                                                                 args.predet_crpn_pos_fraction)
+
+    def forward(self, view1, view2, queries1, queries2, cls_targets):
+        B, size = len(view1), tuple(view1.shape[-2:])
+        feats = self.backbone(torch.cat([view1, view2]))  # {'0'..'3', 'pool'}: [2B, 256, H_l, W_l]
+        losses = {}
+        if self.cls_head is not None:
+            losses["loss_cls"] = self.cls_loss(list(feats.values()), cls_targets.repeat(2, 1))
+        if self.crpn is None and self.croi is None:
+            return losses
+        f1 = {k: v[:B] for k, v in feats.items()}
+        f2 = {k: v[B:] for k, v in feats.items()}
+        fq = self.roi_pool(f2, queries2, [size] * B)  # f_q: [sum Q_b, 256, 7, 7], view 2
+        if self.crpn is not None:
+            proposals = self.crpn_step(f1, fq, queries1, size, losses, with_proposals=self.croi is not None)
+        else:
+            proposals = [jittered_and_random(q, size, self.args.predet_post_nms) for q in queries1]
+        if self.croi is not None:
+            self.croi_step(f1, fq, queries1, [torch.cat([p, q]) for p, q in zip(proposals, queries1)],
+                           size, losses)
+        return losses
+
+    def cls_loss(self, levels, targets):
+        """Mahajan et al.: softmax CE against the k-hot target / its sum, per level, averaged over levels;
+        images without labels are left out. levels: [2B, 256, H, W] each; targets [2B, C]."""
+        has = targets.sum(1) > 0
+        if not has.any():
+            return levels[0].sum() * 0
+        t = targets[has] / targets[has].sum(1, keepdim=True)  # [n, C]
+        per_level = [-(t * F.log_softmax(self.cls_head(x[has].mean((2, 3))), 1)).sum(1).mean() for x in levels]
+        return torch.stack(per_level).mean()
+
+    def crpn_step(self, f1, fq, queries1, size, losses, with_proposals):
+        """CRPN losses into ``losses``; returns the proposals (no gradient) per image [K_b, 4]."""
+        a = self.args
+        counts = [len(q) for q in queries1]
+        fq_pad = torch.nn.utils.rnn.pad_sequence(fq.flatten(1).split(counts), batch_first=True)  # [B, Qm, 12544]
+        levels = [f1[k] for k in ("0", "1", "2", "3", "pool")]
+        scores, deltas = self.crpn(levels, fq_pad)  # [B, Qm, N], [B, Qm, N, 4]
+        anchors = self.anchors(ImageList(f1["0"], [size] * len(counts)), levels)  # B x [N, 4]
+        cls_l, reg_l, n_sampled, proposals = [], [], 0, []
+        for b, (q, anc) in enumerate(zip(queries1, anchors)):
+            matched, labels = crpn_labels(anc, q, not a.predet_crpn_no_low_quality)
+            pos, neg = (m[0] for m in self.sampler([labels]))
+            pos, neg = pos.nonzero()[:, 0], neg.nonzero()[:, 0]
+            idx = torch.cat([pos, neg])
+            logits = scores[b, matched[idx], idx].float()
+            cls_l.append(F.binary_cross_entropy_with_logits(logits, labels[idx], reduction="sum"))
+            target = self.crpn_coder.encode_single(q[matched[pos]], anc[pos])  # [n_pos, 4]
+            reg_l.append(F.smooth_l1_loss(deltas[b, matched[pos], pos].float(), target,
+                                          beta=a.predet_smooth_l1_beta, reduction="sum"))
+            n_sampled += len(idx)
+            if with_proposals:
+                proposals.append(self.crpn_proposals(  # fp32: bf16 would move boxes by pixels
+                    scores[b, :len(q)].detach().float(), deltas[b, :len(q)].detach().float(), anc,
+                    [x.shape[-2] * x.shape[-1] * 3 for x in levels], size))
+        losses["loss_crpn_cls"] = torch.stack(cls_l).sum() / max(n_sampled, 1)
+        losses["loss_crpn_reg"] = torch.stack(reg_l).sum() / max(n_sampled, 1)
+        return proposals
+
+    def crpn_proposals(self, scores, deltas, anchors, per_level, size):
+        """Per anchor: max score over queries, box = anchor moved by that query's deltas; top-K per level,
+        NMS per level, K_nms kept. scores [Q, N], deltas [Q, N, 4] -> [K, 4]."""
+        a = self.args
+        best, q = scores.max(0)  # [N]
+        boxes = self.crpn_coder.decode_single(deltas[q, torch.arange(len(q), device=q.device)], anchors)
+        boxes = clip_boxes_to_image(boxes, size)
+        top, level, start = [], [], 0
+        for i, n in enumerate(per_level):
+            top.append(best[start:start + n].topk(min(a.predet_pre_nms, n)).indices + start)
+            level.append(torch.full((len(top[-1]),), i, device=boxes.device))
+            start += n
+        top, level = torch.cat(top), torch.cat(level)
+        boxes, best = boxes[top], best[top]
+        ok = ((boxes[:, 2:] - boxes[:, :2]) >= 1).all(1)
+        keep = batched_nms(boxes[ok], best[ok], level[ok], a.predet_nms)[: a.predet_post_nms]
+        return boxes[ok][keep]
+
+    def croi_step(self, f1, fq, queries1, proposals, size, losses):
+        """L_info and L_croi-reg into ``losses``. proposals: per image [P_b, 4] (queries included)."""
+        a = self.args
+        pos_boxes, neg_boxes = [], []
+        for q, p in zip(queries1, proposals):
+            iou = box_iou(p, q)  # [P, Q]
+            pos = torch.multinomial((iou.T > 0.5).float(), 1)[:, 0]  # [Q]: one of each row's IoU > 0.5
+            neg = (iou.max(1).values < 0.5).nonzero()[:, 0]  # P_neg: IoU < 0.5 with every query
+            neg = neg[torch.randperm(len(neg), device=neg.device)[: a.predet_neg]]
+            pos_boxes.append(p[pos])
+            neg_boxes.append(p[neg])
+        n_pos, n_neg = [len(x) for x in pos_boxes], [len(x) for x in neg_boxes]
+        rois = [torch.cat([pb, nb]) for pb, nb in zip(pos_boxes, neg_boxes)]
+        fp = self.roi_pool(f1, rois, [size] * len(rois))  # [sum(Q_b + N_b), 256, 7, 7], view 1
+        b_all, e_all = self.croi.similarity_inputs(torch.cat([fq, fp]))  # [n, 1024], [n, D]: queries, then rois
+        nq = sum(n_pos)  # queries of the batch = positives of the batch
+        b_q, e_q = b_all[:nq].split(n_pos), e_all[:nq].split(n_pos)
+        b_p, e_p = b_all[nq:], e_all[nq:]
+        per_image = [p + n for p, n in zip(n_pos, n_neg)]
+        info, reg = [], []
+        for i, (bp, ep) in enumerate(zip(b_p.split(per_image), e_p.split(per_image))):
+            s_pos = (e_q[i] * ep[: n_pos[i]]).sum(1)  # [Q]: cosine(q, p+_q)
+            s_neg = e_q[i] @ ep[n_pos[i]:].T  # [Q, N_neg]
+            info.append(info_nce(s_pos, s_neg, a.predet_tau))
+            if a.use_croi_reg:
+                target = self.croi_coder.encode_single(queries1[i], pos_boxes[i])  # [Q, 4]: p+ -> q
+                pred = self.croi.deltas(b_q[i], bp[: n_pos[i]])  # [Q, 4]
+                reg.append(F.smooth_l1_loss(pred.float(), target, beta=a.predet_smooth_l1_beta,
+                                            reduction="none").sum(1))
+        losses["loss_info"] = torch.cat(info).mean()  # mean over the queries of the batch
+        if reg:
+            losses["loss_croi_reg"] = torch.cat(reg).mean()
+
+
+def jittered_and_random(queries, size, n):
+    """--predet-no-crpn proposals: 4 copies of each query with centre and size jittered by up to 10%,
+    plus n random boxes over the view. [4 Q + n, 4]."""
+    wh = (queries[:, 2:] - queries[:, :2]).repeat(4, 1)
+    centre = (queries[:, 2:] + queries[:, :2]).repeat(4, 1) / 2 + (torch.rand_like(wh) - 0.5) * 0.2 * wh
+    wh = wh * (1 + (torch.rand_like(wh) - 0.5) * 0.2)
+    jittered = torch.cat([centre - wh / 2, centre + wh / 2], 1)
+    rand = random_boxes((0, 0, size[1], size[0]), n, (0.05, 0.8)).to(queries.device)
+    return clip_boxes_to_image(torch.cat([jittered, rand]), size)
+
+
+def export_state(model):
+    """The transferable weights, renamed into common/detectors.py's Faster/Mask R-CNN keys."""
+    out = {}
+    for key, value in model.state_dict().items():
+        for src, dst in EXPORT:
+            if key.startswith(src):
+                out[dst + key[len(src):]] = value.detach().cpu()
+    return out
+
+
+# ---------------------------------------------------------------- the script
+def check_args(args, device):
+    cli.check_args(args)
+    if args.backbone not in BACKBONES:
+        raise cli.UserError(f"--backbone {args.backbone}: unknown backbone (expected one of {', '.join(BACKBONES)})")
+    if args.predet_queries == "proposals" and not args.proposals:
+        raise cli.UserError("--predet-queries proposals needs --proposals FILE (python -m common.proposals)")
+    if args.proposals and args.predet_queries != "proposals":
+        raise cli.UserError("--proposals is read only with --predet-queries proposals")
+    if args.proposals and not os.path.isfile(args.proposals):
+        raise cli.UserError(f"--proposals {args.proposals}: no such file")
+    if args.predet_num_queries < 1:
+        raise cli.UserError(f"--predet-num-queries {args.predet_num_queries}: expected a positive integer")
+    args.use_cls = not args.predet_no_cls
+    args.use_crpn = not (args.predet_no_det or args.predet_no_crpn)
+    args.use_croi = not (args.predet_no_det or args.predet_no_croi)
+    args.use_croi_reg = args.use_croi and not args.predet_no_croi_reg
+    if not (args.use_cls or args.use_crpn or args.use_croi):
+        raise cli.UserError("every loss term is switched off (--predet-no-cls with --predet-no-det)")
+    if args.bn is None:
+        args.bn = "syncbn" if dist.get_world_size() > 1 and device.type == "cuda" else "bn"
+    if args.bn == "frozen" and args.init == "scratch":
+        raise cli.UserError("--bn frozen keeps a random network's norm statistics fixed; use it with --init imagenet")
+
+
+def main(args):
+    device = dist.init_distributed(args.device, args.dist_timeout)
+    if args.analyze_similarity:
+        return analyze_similarity(args, device)
+    check_args(args, device)
+    dist.seed_everything(args.seed)
+    data = resolve_data(args)
+    prepare_output_dir(args, f"runs/predet/{args.backbone}_{data.name}")
+    print(f"args: {vars(args)}")
+
+    # data: two views + queries per image; the annotated categories as image-level labels
+    train_set = CocoDetection(data.train_images, data.train_ann, keep_empty=True,
+                              skip_bad_images=args.skip_bad_images)
+    proposals = None
+    if args.predet_queries == "proposals":
+        proposals = load_proposals(args.proposals, [r["image_id"] for r in train_set.records])
+    train_set.transforms = TwoViewsWithQueries(SIZES[args.preset], train_set.num_classes, args, proposals)
+    print(f"train ({data.train_ann}): {train_set.summary()}")
+    train_loader = build_train_loader(train_set, args.batch_size, args.workers, args.seed, device,
+                                      collate_fn=collate_views)
+
+    # model
+    model = PreDet(args, train_set.num_classes).to(device)
+    if args.bn == "syncbn":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model_without_ddp = model
+    if dist.get_world_size() > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    # optimisation: lr 0.2 at 1024 views, x0.1 at four uniform steps
+    global_views = 2 * args.batch_size * dist.get_world_size()
+    base_lr = args.lr or scaled_lr(0.2, 1024, global_views, "lr (per view)")
+    optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay), lr=base_lr,
+                                momentum=args.momentum)
+    iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
+    total = args.iters or args.epochs * iters_per_epoch
+    lr_steps = [round(total * k / 5) for k in range(1, 5)]
+    max_iters = min(total, args.max_iters or total)
+    print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, {global_views} views), lr {base_lr:g} "
+          f"x0.1 at {lr_steps}, warmup {args.warmup_iters}")
+    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size, device=device, method="predet")
+
+    model.train()
+    for it, (views, info) in run.batches(train_loader):
+        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        views = views.to(device, non_blocking=True).float().div_(255)
+        view1, view2 = normalize(views[:, 0]), normalize(views[:, 1])
+        q1, q2 = ([i[k].to(device) for i in info] for k in ("queries1", "queries2"))
+        cls_targets = torch.stack([i["cls_target"] for i in info]).to(device)
+        with run.autocast():
+            losses = model(view1, view2, q1, q2, cls_targets)
+        run.step(losses)
+
+    state = export_state(model_without_ddp)
+    run.finish(state, {"method": "predet", "detector": "fasterrcnn", "backbone": args.backbone,
+                       "box_head": args.box_head, "num_classes": train_set.num_classes,
+                       "losses": [k for k in ("cls", "crpn", "croi", "croi_reg") if getattr(args, f"use_{k}")],
+                       "trained": "backbone, fpn" + ", rpn conv" * args.use_crpn + ", box_head" * args.use_croi})
+    print(f"wrote {os.path.join(args.output_dir, 'model_final.pth')}: parts {parts_of(state)}")
+
+
+@torch.no_grad()
+def analyze_similarity(args, device):
+    """The paper's Fig. 5b for any model_final.pth of this repo: on validation images resized to the view
+    size, pairs of boxes with IoU spread over 0.05-0.95 (one per 0.1-wide bin, around random reference
+    boxes), the cosine similarity of their RoIAlign 7x7 FPN features, and the Pearson correlation of IoU
+    and similarity per reference-box size (sqrt-area / side: small < 0.2 <= medium < 0.4 <= large).
+    Writes similarity.json and similarity.png next to the checkpoint (or into --output-dir)."""
+    path = args.analyze_similarity
+    meta = checkpoint.load(path, kind="final")["meta"]
+    detector = build_detector("fasterrcnn", 1, meta.get("backbone", args.backbone), "frozen")
+    checkpoint.load_pretrained(detector, path, parts=["backbone", "fpn"], allow_partial=True)
+    backbone, size = detector.backbone.to(device).eval(), SIZES[args.preset]
+    data = resolve_data(args)
+    val = CocoDetection(data.val_images, data.val_ann, v2.Resize((size, size), antialias=True))
+    roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    torch.manual_seed(args.seed)
+    bins = torch.arange(0.05, 0.95, 0.1).tolist()  # IoU bins [lo, lo + 0.1)
+    pairs = {"small": [], "medium": [], "large": []}  # (iou, similarity) per size bucket
+    for idx in range(min(args.analyze_images, len(val))):
+        feats = backbone(normalize(val[idx][0].to(device).float()[None] / 255))
+        for ref in random_boxes((0, 0, size, size), 8, (0.1, 0.6)):  # 8 reference boxes per image
+            wh = (ref[2:] - ref[:2]).repeat(256, 1)
+            centre = (ref[2:] + ref[:2]) / 2 + (torch.rand(256, 2) - 0.5) * 2 * wh
+            wh = wh * torch.exp(torch.empty(256, 2).uniform_(-0.7, 0.7))
+            cand = clip_boxes_to_image(torch.cat([centre - wh / 2, centre + wh / 2], 1), (size, size))
+            iou = box_iou(ref[None], cand)[0]
+            chosen = [int((iou - lo - 0.05).abs().argmin()) for lo in bins]  # nearest each bin's centre
+            chosen = [c for c, lo in zip(chosen, bins) if lo <= iou[c] < lo + 0.1]
+            boxes = torch.cat([ref[None], cand[chosen]]).to(device)
+            f = F.normalize(roi_pool(feats, [boxes], [(size, size)]).flatten(1), dim=1)
+            side = float((ref[2:] - ref[:2]).prod().sqrt()) / size
+            bucket = "small" if side < 0.2 else "medium" if side < 0.4 else "large"
+            pairs[bucket] += zip(iou[chosen].tolist(), (f[1:] @ f[0]).tolist())
+    table = {}
+    for bucket, values in pairs.items():
+        if len(values) > 2:
+            r = float(torch.corrcoef(torch.tensor(values).T)[0, 1])
+            table[bucket] = {"pairs": len(values), "pearson": r}
+            print(f"{bucket:>7}: {len(values)} pairs, Pearson r(IoU, cosine similarity) = {r:.3f}")
+    out = args.output_dir or os.path.dirname(os.path.abspath(path))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "similarity.json"), "w") as f:
+        json.dump({"checkpoint": path, "method": meta.get("method"), "images": idx + 1, **table}, f, indent=1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.bar(list(table), [t["pearson"] for t in table.values()])
+    ax.set(ylabel="Pearson r (IoU, similarity)", title=f"{meta.get('method', '?')}: {os.path.basename(out)}")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "similarity.png"), dpi=100)
+    print(f"wrote {out}/similarity.json and similarity.png")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
