@@ -201,9 +201,12 @@ class Run:
             self.save(periodic=True)
 
     def _on_signal(self, signum, frame):
-        if self.stop_signal is not None:  # a second signal: stop now (the last checkpoint stays valid)
+        # A repeated SIGTERM is expected (a scheduler signals the whole process group and torchrun forwards
+        # it again): the checkpoint still comes at the next iteration boundary. A second Ctrl-C stops at
+        # once; the previous checkpoint stays valid.
+        if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.stop_signal = signum
+        self.stop_signal = self.stop_signal or signum
 
     # ---- state ----
     def elapsed(self):
