@@ -1,0 +1,321 @@
+"""Unsupervised box proposals for AlignDet (pseudo boxes) and PreDet (query boxes): generator and loader.
+
+    python -m common.proposals --method ss --data-path /data/coco --out data/proposals/coco_ss.json
+    python -m common.proposals --method random                    # the synthetic set, no OpenCV needed
+
+Per image of a COCO-format set (the scripts' data flags; labels are ignored):
+1. candidates: ``ss`` = OpenCV-contrib selective search, fast mode (``cv2.ximgproc.segmentation``, as
+   DETReg), on a copy whose long side is at most ``--ss-max-side`` px, boxes scaled back to original
+   pixels and scored by their rank in OpenCV's output (first = 1); ``random`` = ``random_boxes``
+   (seeded by ``--seed`` and the image id), scored by draw order;
+2. the AlignDet/SoCo filter ``ratio3size0008``: w, h >= 32 px, 1/3 <= w/h <= 3,
+   sqrt(w*h / (W*H)) <= 0.8. An image the filter empties falls back to SoCo's rules
+   (ratio + min size, then min size only); an image still empty (e.g. smaller than 32 px) keeps no box.
+   Both cases are counted in the output's "info" and printed;
+3. NMS at IoU 0.5 (``torchvision.ops.nms``; our reading of the "@0.5" in AlignDet's file name), then the
+   top ``--topk`` (50) by score.
+Output: ONE JSON in COCO-annotation form, boxes in original pixels, ``category_id`` 1 ("proposal"):
+``{"info": {method, settings, counts}, "images": [{id, file_name, width, height}], "annotations": [{id,
+image_id, bbox: [x, y, w, h], category_id: 1, score}], "categories": [{id: 1, name: "proposal"}]}``;
+an image's annotations are in descending score order. It is also a valid instances file.
+Images are processed in shards by ``--workers`` processes; each finished shard is written atomically to
+``<out>.parts/``, so an interrupted run continues where it stopped (same command); the final file is
+written atomically and the parts are then removed. OpenCV's selective search is randomised (its own
+RNG, not seedable from Python): SS files are not bit-reproducible, as the AlignDet author warns.
+"""
+import argparse
+import glob
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.ops import nms
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from common import cli  # noqa: E402
+from common.cli import UserError  # noqa: E402
+from common.coco import load_coco_json, resolve_data  # noqa: E402
+
+MIN_SIZE, MAX_RATIO, MAX_SIZE_RATIO = 32, 3.0, 0.8  # the ratio3size0008 filter
+SS_MAX_SIDE = 500  # px: long side of the copy selective search runs on (methods.md §0)
+
+
+# ---- the filter, NMS and top-K ----
+def filter_mask(boxes, width, height, min_size=MIN_SIZE, max_ratio=MAX_RATIO, max_size_ratio=MAX_SIZE_RATIO):
+    """boxes: [N, 4] xyxy in original px -> bool [N]: w, h >= min_size, 1/max_ratio <= w/h <= max_ratio,
+    sqrt(w*h / (width*height)) <= max_size_ratio. ``None`` disables a rule."""
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    keep = (w >= min_size) & (h >= min_size)
+    if max_ratio is not None:
+        ratio = w / h.clamp(min=1e-6)
+        keep &= (ratio >= 1 / max_ratio) & (ratio <= max_ratio)
+    if max_size_ratio is not None:
+        keep &= (w * h / (width * height)).sqrt() <= max_size_ratio
+    return keep
+
+
+# SoCo's fallback ladder for images the full filter empties (methods.md §0 fact 4)
+FILTER_RULES = (("full", {}), ("ratio_only", {"max_size_ratio": None}),
+                ("min_size_only", {"max_ratio": None, "max_size_ratio": None}))
+
+
+def select_proposals(boxes, scores, width, height, topk=50, nms_iou=0.5):
+    """Filter (with fallback), NMS, top-K. boxes [N, 4] xyxy, scores [N] -> (boxes [k, 4], scores [k],
+    rule): k <= topk, sorted by descending score; rule = the filter rule used, or "none" if k == 0."""
+    for rule, overrides in FILTER_RULES:
+        keep = filter_mask(boxes, width, height, **overrides)
+        if keep.any():
+            b, s = boxes[keep], scores[keep]
+            order = nms(b, s, nms_iou)[:topk]  # nms returns indices sorted by decreasing score
+            return b[order], s[order], rule
+    return boxes.new_zeros((0, 4)), scores.new_zeros((0,)), "none"
+
+
+# ---- candidates ----
+def random_boxes(width, height, k, generator):
+    """k random boxes [k, 4] xyxy (float) inside a width x height image that pass the full filter:
+    sides log-uniform in [32, image side], aspect and size rules enforced by rejection, position uniform.
+    Fewer than k (possibly 0) only when the image is too small for the filter (a side under 32 px)."""
+    if width < MIN_SIZE or height < MIN_SIZE or k <= 0:
+        return torch.zeros((0, 4))
+    lo = torch.tensor(MIN_SIZE, dtype=torch.float64).log()
+    out = []
+    for _ in range(50):  # rejection rounds; acceptance is >= ~25% for any image of at least 32x32 px
+        u = torch.rand((4 * k, 4), generator=generator, dtype=torch.float64)
+        w = (lo + u[:, 0] * (np.log(width) - lo)).exp()  # [4k] log-uniform side lengths
+        h = (lo + u[:, 1] * (np.log(height) - lo)).exp()
+        x0, y0 = u[:, 2] * (width - w), u[:, 3] * (height - h)
+        boxes = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)  # [4k, 4]
+        out.append(boxes[filter_mask(boxes, width, height)])
+        if sum(len(b) for b in out) >= k:
+            break
+    return torch.cat(out)[:k].float()
+
+
+def selective_search(image, max_side=SS_MAX_SIDE):
+    """OpenCV fast-mode selective search on a copy downscaled to long side <= max_side.
+    image: uint8 HxWx3 RGB numpy -> (boxes [N, 4] xyxy float in original px, scores [N]: 1 - rank/N)."""
+    try:
+        import cv2
+        segmentation = cv2.ximgproc.segmentation
+    except (ImportError, AttributeError):
+        raise UserError("selective search needs OpenCV's contrib modules (cv2.ximgproc): pip install "
+                        "opencv-contrib-python-headless (and uninstall opencv-python if it shadows it), or "
+                        "use --method random") from None
+    cv2.setNumThreads(1)  # one process per core already
+    height, width = image.shape[:2]
+    scale = min(1.0, max_side / max(height, width))
+    small = image if scale == 1.0 else cv2.resize(
+        image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    ss = segmentation.createSelectiveSearchSegmentation()
+    ss.setBaseImage(np.ascontiguousarray(small[:, :, ::-1]))  # OpenCV wants BGR
+    ss.switchToSelectiveSearchFast()
+    rects = torch.from_numpy(ss.process().astype(np.float32)).reshape(-1, 4)  # [N, 4] x, y, w, h (small)
+    sx, sy = width / small.shape[1], height / small.shape[0]
+    boxes = torch.stack([rects[:, 0] * sx, rects[:, 1] * sy, (rects[:, 0] + rects[:, 2]) * sx,
+                         (rects[:, 1] + rects[:, 3]) * sy], dim=1)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    scores = 1 - torch.arange(len(boxes), dtype=torch.float32) / max(len(boxes), 1)
+    return boxes, scores
+
+
+def image_proposals(image_dir, im, settings):
+    """Proposals of one image entry -> (list of [x, y, w, h, score], rule used)."""
+    width, height = im["width"], im["height"]
+    if settings["method"] == "random":
+        g = torch.Generator().manual_seed(settings["seed"] * 1000003 + im["id"])
+        boxes = random_boxes(width, height, settings["topk"] * 4, g)
+        scores = 1 - torch.arange(len(boxes), dtype=torch.float32) / max(len(boxes), 1)
+    else:
+        path = os.path.join(image_dir, im["file_name"])
+        try:
+            with Image.open(path) as img:
+                rgb = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot read image ({e})") from None
+        if rgb.shape[:2] != (height, width):
+            raise UserError(f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} but its annotation says "
+                            f"{width}x{height}")
+        boxes, scores = selective_search(rgb, settings["ss_max_side"])
+    boxes, scores, rule = select_proposals(boxes, scores, width, height, settings["topk"], settings["nms_iou"])
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
+    return [[round(v, 2) for v in b] + [round(float(s), 5)] for b, s in zip(xywh.tolist(), scores)], rule
+
+
+# ---- the resumable, parallel generator ----
+def process_shard(job):
+    """Computes one shard and writes it atomically to parts_dir/shard_<index>.json; returns its size."""
+    index, images, image_dir, settings, parts_dir = job
+    result = {}
+    for im in images:
+        boxes, rule = image_proposals(image_dir, im, settings)
+        result[str(im["id"])] = {"boxes": boxes, "rule": rule}
+    atomic_write_json(result, os.path.join(parts_dir, f"shard_{index:06d}.json"))
+    return len(images)
+
+
+def atomic_write_json(obj, path):
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def generate(image_dir, ann_file, out, settings, workers=1, shard_size=64):
+    """Writes the proposal JSON ``out`` for every image of ``ann_file``; resumes from ``out``.parts/.
+    Returns the info dict written into the file."""
+    images = sorted(load_coco_json(ann_file, require_annotations=False)["images"], key=lambda im: im["id"])
+    images = [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in images]
+    parts_dir = out + ".parts"
+    os.makedirs(parts_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(parts_dir, ".tmp-*")):  # a kill during a shard write
+        os.remove(stale)
+    settings_file = os.path.join(parts_dir, "settings.json")
+    key = {**settings, "annotations": os.path.abspath(ann_file), "images": len(images), "shard_size": shard_size}
+    if os.path.exists(settings_file):
+        with open(settings_file) as f:
+            if json.load(f) != key:
+                raise UserError(f"{parts_dir}: holds an interrupted run with other settings or data; delete "
+                                "it (or pass --overwrite) to start over")
+    else:
+        atomic_write_json(key, settings_file)
+    shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
+    todo = [(i, s, image_dir, settings, parts_dir) for i, s in enumerate(shards)
+            if not os.path.exists(os.path.join(parts_dir, f"shard_{i:06d}.json"))]
+    done = sum(len(s) for s in shards) - sum(len(job[1]) for job in todo)
+    if done:
+        print(f"resuming: {len(shards) - len(todo)}/{len(shards)} shards ({done} images) already in {parts_dir}")
+    with tqdm(total=len(images), initial=done, desc=f"proposals ({settings['method']})", dynamic_ncols=True,
+              mininterval=1 if sys.stderr.isatty() else 30) as bar:
+        if workers > 1 and len(todo) > 1:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+                for n in pool.imap_unordered(process_shard, todo):
+                    bar.update(n)
+        else:
+            for job in todo:
+                bar.update(process_shard(job))
+    return merge_shards(images, shards, parts_dir, out, settings)
+
+
+def merge_shards(images, shards, parts_dir, out, settings):
+    by_id = {}
+    for i in range(len(shards)):
+        with open(os.path.join(parts_dir, f"shard_{i:06d}.json")) as f:
+            by_id.update(json.load(f))
+    annotations, rules = [], {"full": 0, "ratio_only": 0, "min_size_only": 0, "none": 0}
+    for im in images:
+        entry = by_id[str(im["id"])]
+        rules[entry["rule"]] += 1
+        for *xywh, score in entry["boxes"]:
+            annotations.append({"id": len(annotations) + 1, "image_id": im["id"], "bbox": xywh,
+                                "area": round(xywh[2] * xywh[3], 2), "iscrowd": 0, "category_id": 1,
+                                "score": score})
+    info = {"description": "unsupervised proposals (python -m common.proposals)", **settings,
+            "filter": f"w,h >= {MIN_SIZE} px, aspect in [1/{MAX_RATIO:g}, {MAX_RATIO:g}], sqrt(area ratio) "
+                      f"<= {MAX_SIZE_RATIO}; SoCo fallback rules for images it empties",
+            "images": len(images), "proposals": len(annotations),
+            "images_with_fallback_filter": rules["ratio_only"] + rules["min_size_only"],
+            "images_without_proposals": rules["none"]}
+    atomic_write_json({"info": info, "images": images, "annotations": annotations,
+                       "categories": [{"id": 1, "name": "proposal"}]}, out)
+    for path in glob.glob(os.path.join(parts_dir, "*")):
+        os.remove(path)
+    os.rmdir(parts_dir)
+    return info
+
+
+# ---- the loader ----
+def load_proposals(path, image_ids=None):
+    """Reads a proposal JSON -> {image_id: float tensor [K, 4] xyxy in original px}, in the file's
+    (descending score) order; images without proposals map to an empty [0, 4] tensor.
+    image_ids: the images the caller needs (default: all of the file); one missing is an error.
+    Schema problems are a one-line UserError naming the file and the entry."""
+    d = load_coco_json(path, require_annotations=True)
+    sizes = {im["id"]: (im["width"], im["height"]) for im in d["images"]}
+    boxes = {i: [] for i in sizes}
+    for n, a in enumerate(d["annotations"]):
+        x, y, w, h = a["bbox"]
+        width, height = sizes[a["image_id"]]
+        if w <= 0 or h <= 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
+            raise UserError(f"{path}: annotations[{n}] (id {a['id']}): bbox {a['bbox']} is empty or outside "
+                            f"its {width}x{height} image {a['image_id']}")
+        boxes[a["image_id"]].append((max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)))
+    wanted = sorted(sizes) if image_ids is None else image_ids
+    missing = [i for i in wanted if i not in boxes]
+    if missing:
+        raise UserError(f"{path}: has no entry for image id {missing[0]} ({len(missing)} of the {len(wanted)} "
+                        "requested images are missing); regenerate it for this image set")
+    return {i: torch.tensor(boxes[i], dtype=torch.float32).reshape(-1, 4) for i in wanted}
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Unsupervised proposals (selective search or random) -> COCO JSON",
+                                add_help=add_help)
+    g = p.add_argument_group("data (the scripts' data flags; default: the synthetic set)")
+    g.add_argument("--data-path", default=None, help="COCO root (its train2017 split) or images/ + annotations.json")
+    g.add_argument("--train-images", default=None, help="custom COCO-format set: image folder")
+    g.add_argument("--train-ann", default=None, help="custom COCO-format set: annotation JSON (labels unused)")
+    g.add_argument("--data-cache", default="data", help="where the synthetic set is generated")
+    g.add_argument("--workers", type=int, default=4, help="worker processes (one image at a time each)")
+    g = p.add_argument_group("proposals")
+    g.add_argument("--method", default="ss", choices=["ss", "random"])
+    g.add_argument("--out", default=None, help="output JSON (default <data-cache>/proposals/<set>_<method>.json)")
+    g.add_argument("--topk", type=int, default=50, help="proposals kept per image, after NMS")
+    g.add_argument("--nms-iou", type=float, default=0.5)
+    g.add_argument("--ss-max-side", type=int, default=SS_MAX_SIDE,
+                   help="selective search runs on a copy whose long side is at most this (px)")
+    g.add_argument("--seed", type=int, default=0, help="--method random: boxes are a function of seed + image id")
+    g.add_argument("--shard-size", type=int, default=64, help="images per resumable unit of work")
+    g.add_argument("--overwrite", action="store_true", help="recompute an existing output (and its parts)")
+    return p
+
+
+def default_output(data_cache, set_name, method):
+    return os.path.join(data_cache, "proposals", f"{set_name}_{method}.json")
+
+
+def main(args):
+    for flag in ("data_path", "train_images", "train_ann"):
+        if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
+    if args.topk < 1 or args.shard_size < 1 or not 0 < args.nms_iou <= 1:
+        raise UserError("--topk and --shard-size must be positive and --nms-iou in (0, 1]")
+    data = resolve_data(argparse.Namespace(val_images=None, val_ann=None, **{
+        k: getattr(args, k) for k in ("data_path", "train_images", "train_ann", "data_cache")}))
+    out = args.out or default_output(args.data_cache, data.name, args.method)
+    if os.path.exists(out) and not args.overwrite:
+        print(f"{out} exists (pass --overwrite to recompute it)")
+        return
+    if args.overwrite:
+        for path in glob.glob(os.path.join(out + ".parts", "*")):
+            os.remove(path)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    settings = {"method": args.method, "topk": args.topk, "nms_iou": args.nms_iou,
+                "ss_max_side": args.ss_max_side if args.method == "ss" else None, "seed": args.seed}
+    info = generate(data.train_images, data.train_ann, out, settings, args.workers, args.shard_size)
+    print(f"wrote {out}: {info['proposals']} proposals for {info['images']} images "
+          f"({info['proposals'] / max(info['images'], 1):.1f} per image); fallback filter used for "
+          f"{info['images_with_fallback_filter']} images; {info['images_without_proposals']} images without "
+          "proposals")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())
