@@ -425,6 +425,11 @@ def resolve_proposals(args, data):
     return path
 
 
+def backbone_meta(weights):
+    """The meta of the image-domain stage's checkpoint: its compute counts towards this pre-training."""
+    return checkpoint.load(weights, kind="final")["meta"] if weights not in ("imagenet", "scratch") else {}
+
+
 def build_box_domain_model(args):
     """The detector with AlignDet's projectors in place of its classifiers, and its backbone loaded, frozen."""
     rcnn = args.detector in ("fasterrcnn", "maskrcnn")
@@ -507,7 +512,8 @@ def main(args):
     # export the online detector in the fine-tune key space, without its final class/box layers
     meta = run.finish(checkpoint.final_state(online.detector, drop=() if args.align_keep_heads else FINAL_LAYERS),
                       {"method": "aligndet", "detector": args.detector, "backbone": args.backbone,
-                       "box_head": args.box_head, "backbone_weights": args.backbone_weights, "proposals": proposal_file,
+                       "box_head": args.box_head, "backbone_weights": args.backbone_weights,
+                       "backbone_meta": backbone_meta(args.backbone_weights), "proposals": proposal_file,
                        "trained": "fpn and heads (backbone frozen)"})
     print(f"wrote {os.path.join(args.output_dir, 'model_final.pth')}: parts {meta['parts']}; fine-tune it with "
           f"finetune.py --detector {args.detector} --backbone {args.backbone} --init <that file>")

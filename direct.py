@@ -82,6 +82,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--schedule", default="P1x", choices=sorted(SCHEDULES),
                    help="P1x = 88k iterations at global batch 64 (scaled to the global batch); P3x recommended")
     g.add_argument("--epochs", type=int, default=None, help="train this many passes over the set instead")
+    g.add_argument("--iters", type=int, default=None, help="train this many iterations instead (toy runs)")
     # direct specific: the low-resolution pipeline
     g.add_argument("--direct-size", type=int, default=448, help="L: pre-training images are LxL pixels")
     g.add_argument("--direct-scale-range", type=float, nargs=2, default=(0.8, 1.2), metavar=("LO", "HI"),
@@ -106,6 +107,8 @@ def check_direct_args(args):
         raise cli.UserError(f"--direct-scale-range {lo:g} {hi:g}: expected 0 < LO <= HI")
     if args.direct_crop_tries < 1:
         raise cli.UserError(f"--direct-crop-tries {args.direct_crop_tries}: expected at least 1")
+    if args.iters is not None and args.iters < 1:
+        raise cli.UserError(f"--iters {args.iters}: expected a positive integer")
     if args.epochs is not None and args.epochs < 1:
         raise cli.UserError(f"--epochs {args.epochs}: expected a positive integer")
 
@@ -268,9 +271,9 @@ def main(args):
     optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay, norm_weight_decay=0.0),
                                 lr=base_lr, momentum=args.momentum)
     iters_per_epoch = loader.batch_sampler.batches_per_epoch
-    total = args.epochs * iters_per_epoch if args.epochs else schedule_iters(args.schedule, global_batch)
+    total = args.iters or (args.epochs * iters_per_epoch if args.epochs else schedule_iters(args.schedule, global_batch))
     max_iters = min(total, args.max_iters or total)
-    length = f"{args.epochs} epochs" if args.epochs else args.schedule
+    length = f"{args.iters} it" if args.iters else f"{args.epochs} epochs" if args.epochs else args.schedule
     print(f"schedule: {length} = {total} iterations at global batch {global_batch} ({total / iters_per_epoch:.1f} "
           f"epochs of {len(train_set)} images), lr {base_lr:g} fixed after {warmup} warmup iterations" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))

@@ -3,10 +3,13 @@
     python -m common.bench                        # CPU: small configurations, synthetic data
     python -m common.bench --data ../shared/data/coco128 --device cuda
 
-For each training workload (a short run of the real script): train samples/s, peak memory (GPU
-max_memory_allocated, or the process' peak RSS on the CPU) and the share of step time spent waiting
-for data, all read from the run's own log.txt; the ratio to fine-tuning the same detector at 1333x800
-in the same bench run. For each data pipeline: loader-only items/s in ONE process (= per worker).
+For each training workload (a short run of the real script: fine-tuning for every detector family, then
+Direct, Montage, PreDet and AlignDet at their papers' per-GPU configurations on a GPU, at the demo's on a
+CPU): train samples/s (Montage: samples = 4 per montage; PreDet/AlignDet: image pairs), peak memory (GPU
+max_memory_allocated, or the process' peak RSS on the CPU) and the share of step time spent waiting for
+data, all read from the run's own log.txt; and the ratio to fine-tuning the same detector in the same
+bench run. For each data pipeline at its paper-default size: loader-only items/s in ONE process (= per
+worker), and selective-search images/s for the proposal generator.
 Plus the engine overhead: one training step through ``common.engine.Run`` against the same
 torchvision model stepped in a bare loop on the same batch. Nothing here is asserted: figures only.
 """
@@ -31,11 +34,25 @@ CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5",
            "--roi-batch-size", "64", "--rpn-post-nms-train", "300", "--rpn-post-nms-test", "100"]
 
 
+# the CPU demo configurations of the pre-training scripts (Makefile: DEMO_*), for CPU bench rows
+CPU_METHODS = {
+    "direct": ["--detector", "fasterrcnn", "--backbone", "resnet18", "--direct-size", "128", "--batch-size", "8",
+               "--anchor-scale", "0.5", "--rpn-batch-size", "64", "--roi-batch-size", "32",
+               "--rpn-post-nms-train", "300", "--warmup-iters", "2", "--epochs", "100"],
+    "montage": ["--backbone", "resnet18", "--montage-size", "96", "--montage-split", "32", "--batch-size", "16",
+                "--montage-loss", "blockwise", "--warmup-iters", "2"],
+    "predet": ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--predet-dim", "64",
+               "--predet-num-queries", "8", "--predet-post-nms", "64", "--predet-neg", "32", "--batch-size", "4",
+               "--warmup-iters", "2"],
+    "aligndet": ["--detector", "fasterrcnn", "--backbone-weights", "scratch", "--align-proposal-method", "random",
+                 *CPU_DET, "--roi-batch-size", "16", "--batch-size", "4", "--warmup-iters", "2"],
+}
+
+
 def workloads(device, data_flags):
     """(name, script, args, reference) for each training workload; reference = the workload it is
-    compared with (fine-tuning the same detector at 1333x800)."""
+    compared with (fine-tuning the same detector; at 1333x800 on the GPU, the CPU configuration on the CPU)."""
     on_gpu = device == "cuda"
-    small = [] if on_gpu else CPU_DET
     iters = 30 if on_gpu else 6
     common = ["--device", device, "--no-tb", "--print-freq", "1", "--max-iters", str(iters), *data_flags]
     ft = ["--init", "scratch", "--warmup-iters", "1"]
@@ -47,8 +64,72 @@ def workloads(device, data_flags):
                     None))
         if not on_gpu:
             out.append((f"finetune {det} cpu", "finetune.py", ft + ["--detector", det, "--batch-size", "4"]
-                        + small + common, f"finetune {det} 1333x800"))
+                        + CPU_DET + common, f"finetune {det} 1333x800"))
+    if on_gpu:  # the papers' per-GPU configurations
+        for det in ("fasterrcnn", "maskrcnn", "retinanet", "fcos"):
+            ref = f"finetune {det} 1333x800"
+            out.append((f"direct {det} 448 x8", "direct.py", ["--detector", det] + common, ref))
+            out.append((f"aligndet {det} x2", "alignDet.py", ["--detector", det, "--backbone-weights", "scratch",
+                                                              "--align-proposal-method", "random"] + common, ref))
+        out.append(("montage r50 224 x64", "montage.py", ["--montage-loss", "blockwise"] + common,
+                    "finetune fasterrcnn 1333x800"))
+        out.append(("predet r50 480 x4 pairs", "predet.py", common, "finetune maskrcnn 1333x800"))
+    else:
+        for name, flags in CPU_METHODS.items():
+            out.append((f"{name} cpu", f"{'alignDet' if name == 'aligndet' else name}.py", flags + common,
+                        "finetune fasterrcnn cpu"))
     return out
+
+
+def pipelines(data, data_cache):
+    """(name, make_dataset, items_per_call) for each data pipeline at its paper-default size."""
+    import direct
+    import montage
+    import predet
+    import alignDet
+    from common import proposals
+
+    def finetune_set(with_masks):
+        return coco.CocoDetection(data.train_images, data.train_ann, transforms.detection_train("800"),
+                                  with_masks=with_masks, keep_empty=False)
+
+    def predet_set():
+        args = predet.get_args_parser().parse_args([])
+        ds = coco.CocoDetection(data.train_images, data.train_ann, keep_empty=True)
+        ds.transforms = predet.TwoViewsWithQueries(480, ds.num_classes, args)
+        return ds
+
+    def aligndet_set():
+        tmp = tempfile.mkdtemp()
+        settings = {"method": "random", "topk": 50, "nms_iou": 0.5, "ss_max_side": None, "seed": 0}
+        path = os.path.join(tmp, "proposals.json")
+        proposals.generate(data.train_images, data.train_ann, path, settings, workers=1)
+        images = coco.CocoDetection(data.train_images, path, keep_empty=False)
+        return alignDet.TwoViews(images, alignDet.build_view_transform("multiscale"), 50)
+
+    def montage_set():
+        args = montage.get_args_parser().parse_args(["--data-cache", data_cache])
+        return montage.MontageSet(montage.ensure_sample_cache(args, data), 224, 64)
+
+    return [("loader finetune 1333x800 (boxes)", lambda: finetune_set(False)),
+            ("loader finetune 1333x800 (+masks)", lambda: finetune_set(True)),
+            ("loader direct 448 (+masks)", lambda: coco.CocoDetection(
+                data.train_images, data.train_ann, direct.direct_train_transform(448), with_masks=True,
+                keep_empty=False)),
+            ("loader predet 2x480 views + queries (pairs)", predet_set),
+            ("loader aligndet 2x640-800 views + proposals (pairs)", aligndet_set),
+            ("loader montage 224 from the sample cache", montage_set)]
+
+
+def proposal_throughput(data, n=16):
+    """Selective-search images/s in one process (= per worker of python -m common.proposals)."""
+    from common import proposals
+    images = coco.load_coco_json(data.train_ann)["images"][:n]
+    settings = {"method": "ss", "topk": 50, "nms_iou": 0.5, "ss_max_side": proposals.SS_MAX_SIDE, "seed": 0}
+    t = time.perf_counter()
+    for im in images:
+        proposals.image_proposals(data.train_images, im, settings)
+    return len(images) / (time.perf_counter() - t)
 
 
 def run_workload(script, args, workers):
@@ -124,13 +205,14 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--out", default="runs/bench", help="bench.json goes here")
+    p.add_argument("--data-cache", default="data", help="where the synthetic set (and Montage's cache) live")
     p.add_argument("--only", default="", help="comma-separated substrings: run only matching rows")
     a = p.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     ns = argparse.Namespace(data_path=a.data, train_images=None, train_ann=None, val_images=None, val_ann=None,
-                            data_cache="data")
+                            data_cache=a.data_cache)
     data = coco.resolve_data(ns)
-    data_flags = ["--data-path", a.data] if a.data else []
+    data_flags = ["--data-path", a.data] if a.data else ["--data-cache", a.data_cache]
     rows = []
 
     def keep(name):
@@ -141,14 +223,13 @@ def main():
             print(f"running {name} ...", flush=True)
             rows.append({"name": name, "kind": "train", "reference": ref,
                          **run_workload(script, args, 0 if a.device == "cpu" else a.workers)})
-    pipelines = [("loader finetune 1333x800 (boxes)", lambda: coco.CocoDetection(
-                      data.train_images, data.train_ann, transforms.detection_train("800"), keep_empty=False)),
-                 ("loader finetune 1333x800 (+masks)", lambda: coco.CocoDetection(
-                      data.train_images, data.train_ann, transforms.detection_train("800"), with_masks=True,
-                      keep_empty=False))]
-    for name, make in pipelines:
+    for name, make in pipelines(data, a.data_cache):
         if keep(name):
+            print(f"measuring {name} ...", flush=True)
             rows.append({"name": name, "kind": "loader", "items_per_s_per_worker": round(loader_throughput(make()), 1)})
+    if keep("proposals"):
+        rows.append({"name": "proposals: selective search (images)", "kind": "loader",
+                     "items_per_s_per_worker": round(proposal_throughput(data), 2)})
     if keep("engine") and a.device == "cpu":
         rows.append({"name": "engine overhead (Run.step vs bare loop, CPU)", "kind": "engine",
                      **engine_overhead(data)})

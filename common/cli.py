@@ -14,6 +14,11 @@ class UserError(Exception):
     """An error in the user's input: printed as one line, no traceback."""
 
 
+class Unavailable(UserError):
+    """An external resource the run needs (e.g. downloadable weights) cannot be had here: the run is
+    reported as skipped, with the reason, rather than as failed."""
+
+
 def base_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data (default: the embedded synthetic shapes set, generated on first use)")
@@ -86,13 +91,13 @@ def run(main, parser, argv=None):
         main(args)
     except UserError as e:
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
-        record_error(args, user_message(e))
+        record_error(args, user_message(e), skipped=isinstance(e, Unavailable))
         sys.exit(2)
 
 
-def record_error(args, message):
+def record_error(args, message, skipped=False):
     """Leaves the reason a run stopped in <output-dir>/error.txt, where the results table reads it."""
     out = getattr(args, "output_dir", None)
     if out and os.path.isdir(out) and os.environ.get("RANK", "0") == "0":
         with open(os.path.join(out, "error.txt"), "w") as f:
-            f.write(message + "\n")
+            f.write(("skipped: " if skipped else "") + message + "\n")

@@ -27,7 +27,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from common import dist
-from common.cli import UserError
+from common.cli import Unavailable, UserError
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
@@ -120,7 +120,7 @@ def build_backbone(backbone, norm="frozen", trainable_layers=3, imagenet=False, 
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         if not imagenet:
             raise
-        raise UserError(f"could not get torchvision's ImageNet weights for {backbone} ({type(e).__name__}: "
+        raise Unavailable(f"could not get torchvision's ImageNet weights for {backbone} ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:120]}); they are downloaded on first use, so this needs "
                         "network access once (or a copy in $TORCH_HOME/hub/checkpoints)") from None
     return model

@@ -69,12 +69,14 @@ def read_run(run_dir):
                    **{"mask AP": res["segm"]["AP"] if "segm" in res else None})
         return row
     init = args.get("init", "?")
-    row.update(method=_method(init, {}) if init in ("scratch", "imagenet") else os.path.basename(
-        os.path.dirname(os.path.abspath(init))), **{"pre-train": "?", "fine-tune": "?"})
+    known = init in ("scratch", "imagenet")
+    row.update(method=init if known else os.path.basename(os.path.dirname(os.path.abspath(init))),
+               **{"pre-train": _pretrain_schedule(init, {}) if known else "?", "fine-tune": "?"})
     error = os.path.join(run_dir, "error.txt")
     if os.path.exists(error):
         with open(error) as f:
-            row["status"] = "failed: " + f.read().strip()
+            reason = f.read().strip()
+        row["status"] = reason if reason.startswith("skipped: ") else "failed: " + reason
     else:
         last = _last_iteration(os.path.join(run_dir, "log.txt"))
         row["status"] = f"incomplete: stopped after iteration {last}" if last else "incomplete: no iteration logged"

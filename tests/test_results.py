@@ -46,7 +46,8 @@ def test_table_csv_and_plot(tmp_path):
     aligndet = {"method": "aligndet", "iterations": 7, "device_hours": 0.25,
                 "backbone_meta": {"method": "montage", "device_hours": 0.5}}
     _run(root, "ft-aligndet-s0", "runs/aligndet/model_final.pth", 0, _results(0.45, 0.25, aligndet))
-    _run(root, "ft-imagenet-s0", "imagenet", 0, error="ImageNet weights unavailable offline")
+    _run(root, "ft-imagenet-s0", "imagenet", 0, error="skipped: ImageNet weights unavailable offline")
+    _run(root, "ft-direct-p3x-s0", "runs/direct-p3x/model_final.pth", 0, error="runs/x.jpg: cannot read image")
     _run(root, "ft-predet-s0", "runs/predet/model_final.pth", 0, log=[{"iteration": 3}, {"iteration": 7}])
     os.makedirs(os.path.join(root, "direct-p1x"))  # a pre-training run: not a row
     with open(os.path.join(root, "direct-p1x", "args.json"), "w") as f:
@@ -58,7 +59,7 @@ def test_table_csv_and_plot(tmp_path):
         table = f.read().splitlines()
     assert table[0].startswith("| method | detector | backbone | pre-train | fine-tune | AP | AP50 |")
     body = {line.split(" | ")[0][2:]: line for line in table[2:]}
-    assert len(table) == 2 + 6
+    assert len(table) == 2 + 7
     assert body["aligndet"] == ("| aligndet | fasterrcnn | resnet18 | 7 it | 100 it | 0.450 | 0.650 | 0.400 | n/a "
                                 "| 0.225 | 0.450 | n/a | 0.7500 | 0.2500 | 1.0000 | cpu | 1 | done |")
     assert body["direct"] == ("| direct | fasterrcnn | resnet18 | P1x | 100 it | 0.500 | 0.700 | 0.450 | n/a "
@@ -67,18 +68,19 @@ def test_table_csv_and_plot(tmp_path):
     assert body["scratch"].startswith("| scratch | fasterrcnn | resnet18 | none | 100 it | 0.350 ± 0.071 |")
     assert "| 0.0000 ± 0.0000 | 0.0200 ± 0.0141 | 0.0200 ± 0.0141 | cpu | 2 | done |" in body["scratch"]
     # failures are shown as such, never as zeros
-    assert body["imagenet"].endswith("| — | — | — | — | — | — | — | n/a | — | — | n/a | 1 | "
-                                     "failed: ImageNet weights unavailable offline |")
+    assert body["imagenet"] == ("| imagenet | fasterrcnn | resnet18 | ImageNet-1k (torchvision) | ? | — | — | — | — "
+                                "| — | — | — | n/a | — | — | n/a | 1 | skipped: ImageNet weights unavailable offline |")
+    assert body["direct-p3x"].endswith("| failed: runs/x.jpg: cannot read image |")
     assert body["predet"].endswith("incomplete: stopped after iteration 7 |")
     assert body["ft-montage-s0"].endswith("missing: the run was not started (an earlier stage failed?) |")
-    assert len(rows) == 6
+    assert len(rows) == 7
 
     with open(os.path.join(root, "results.csv")) as f:
         records = list(csv.DictReader(f))
     scratch = next(r for r in records if r["method"] == "scratch")
     assert float(scratch["AP"]) == 0.35 and abs(float(scratch["AP std"]) - 0.0707107) < 1e-6
     imagenet = next(r for r in records if r["method"] == "imagenet")
-    assert imagenet["AP"] == "" and imagenet["status"].startswith("failed")
+    assert imagenet["AP"] == "" and imagenet["status"].startswith("skipped")
 
     with Image.open(os.path.join(root, "results.png")) as png:
         png.verify()

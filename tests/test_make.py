@@ -1,0 +1,82 @@
+"""The Makefile's pipelines: torchrun lines for 8 GPUs and several nodes, and skip/resume of finished stages."""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, iteration_losses
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+
+
+def make(*args, dry=True, **kw):
+    return subprocess.run(["make", *(["-n"] if dry else []), *args, "VENV=.venv"], cwd=ROOT, capture_output=True,
+                          text=True, **kw)
+
+
+def test_compare_runs_every_stage_with_torchrun(tmp_path):
+    out = make("compare-runs", f"OUT={tmp_path}", "DATA=/data/coco", "SEEDS=2").stdout
+    launches = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    assert all("--nnodes=1 --node_rank=0 --nproc_per_node=8 --master_addr=127.0.0.1 --master_port=29500" in line
+               for line in launches)
+    scripts = [re.search(r"(\w+\.py)", line).group(1) for line in launches]
+    assert sorted(set(scripts)) == ["alignDet.py", "direct.py", "finetune.py", "montage.py", "predet.py"]
+    finetunes = [line for line in launches if "finetune.py" in line]
+    assert len(finetunes) == 7 * 2  # 7 rows x 2 seeds
+    root = f"{tmp_path}/compare/maskrcnn"
+    for row in ("scratch", "imagenet", "direct-p1x", "direct-p3x", "montage", "predet", "aligndet"):
+        for seed in (0, 1):
+            assert sum(f"--output-dir {root}/ft-{row}-s{seed} " in line and f"--seed {seed} " in line
+                       for line in finetunes) == 1, (row, seed)
+    assert any(f"--init {root}/direct-p3x/model_final.pth" in line for line in finetunes)
+    assert any("direct.py" in line and "--schedule P3x" in line for line in launches)
+    assert "common.proposals --data-path /data/coco --method ss" in out
+    # a pre-training stage runs before the fine-tune that needs it
+    assert out.index("direct.py") < out.index(f"--init {root}/direct-p1x/model_final.pth")
+
+
+def test_multi_node_lines(tmp_path):
+    out = make("compare-runs", f"OUT={tmp_path}", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.7",
+               "NGPU=4").stdout
+    launches = [line for line in out.splitlines() if "torch.distributed.run" in line]
+    assert len(launches) == 7 + 5
+    assert all("--nnodes=2 --node_rank=1 --nproc_per_node=4 --master_addr=10.0.0.7" in line for line in launches)
+
+
+def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(shapes, tmp_path):
+    """A demo stage killed half-way resumes on the next `make`; a finished stage is not run again."""
+    tiny_ft = ("$(PY) finetune.py --detector fasterrcnn --backbone resnet18 --preset cpu --anchor-scale 0.5 "
+               "--rpn-batch-size 32 --roi-batch-size 32 --rpn-post-nms-train 64 --rpn-post-nms-test 32 "
+               "--batch-size 2 --iters 6 --warmup-iters 2 --workers 0 --print-freq 1 --no-tb --device cpu "
+               + " ".join(shapes))
+    target = f"{tmp_path}/demo/ft-scratch-s0/results.json"
+    proc = subprocess.Popen(["make", target, f"OUT={tmp_path}", f"DEMO_FT={tiny_ft}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = os.path.dirname(target)
+    deadline = time.time() + 300
+    while time.time() < deadline and max(_logged(run_dir), default=0) < 2:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler's preemption does to the job
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not os.path.exists(target)
+
+    again = make(target, f"OUT={tmp_path}", f"DEMO_FT={tiny_ft}", dry=False, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and os.path.exists(target)
+    assert sorted(iteration_losses(run_dir)) == list(range(1, 7))
+
+    # the finished stage is skipped; the rest of the demo would run
+    plan = make("demo-runs", f"OUT={tmp_path}", f"DEMO_FT={tiny_ft}").stdout
+    assert "ft-scratch-s0" not in plan and f"{tmp_path}/demo/ft-direct-p1x-s0" in plan
+
+
+def _logged(run_dir):
+    try:
+        return iteration_losses(run_dir)
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,58 @@
+"""The speed paths (AMP, channels_last) compute the same thing as fp32, and the benchmark emits every figure."""
+import argparse
+import json
+
+import pytest
+import torch
+
+from common import engine, synthetic
+from common.coco import CocoDetection
+from common.detectors import build_detector
+from common.loader import collate_detection
+from common.transforms import detection_train, to_float_batch
+from conftest import run_script
+
+
+@pytest.fixture(scope="module")
+def batch(shapes):
+    ds = CocoDetection(shapes[1], shapes[3], detection_train("cpu"), keep_empty=False)
+    images, targets = collate_detection([ds[i] for i in range(2)])
+    return to_float_batch(images, torch.device("cpu")), engine.targets_to(targets, "cpu"), ds.num_classes
+
+
+def _losses(model, images, targets, dtype=None):
+    torch.manual_seed(0)  # the RPN/RoI samplers draw the same anchors and RoIs
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        return {k: float(v) for k, v in model(images, targets).items()}
+
+
+def test_bf16_autocast_and_channels_last_match_fp32(batch):
+    images, targets, k = batch
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", k, "resnet18", "frozen", box_head="2fc", min_size=128, max_size=192)
+    model.train()
+    fp32 = _losses(model, images, targets)
+    assert engine.amp_dtype(argparse.Namespace(amp="bf16"), torch.device("cpu")) == torch.bfloat16
+    assert engine.amp_dtype(argparse.Namespace(amp="auto"), torch.device("cpu")) is None  # off on the CPU
+    bf16 = _losses(model, images, targets, torch.bfloat16)
+    # the RPN terms are computed on the same sampled anchors; RoI terms depend on which proposals survive NMS
+    for key in ("loss_objectness", "loss_rpn_box_reg"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.03), (key, fp32, bf16)
+    model = model.to(memory_format=torch.channels_last)
+    cl = _losses(model, images.contiguous(memory_format=torch.channels_last), targets)
+    for key in fp32:
+        assert cl[key] == pytest.approx(fp32[key], rel=1e-3, abs=1e-5), (key, fp32, cl)
+
+
+def test_bench_emits_every_figure(tmp_path):
+    synthetic.generate(str(tmp_path / "cache" / "shapes"), num_train=24, num_val=8, seed=3)
+    run_script("common.bench", "--device", "cpu", "--data-cache", tmp_path / "cache", "--out", tmp_path / "bench",
+               "--only", "finetune fasterrcnn cpu,loader direct,loader montage,engine")
+    rows = {r["name"]: r for r in json.load(open(tmp_path / "bench" / "bench.json"))["rows"]}
+    assert set(rows) == {"finetune fasterrcnn cpu", "loader direct 448 (+masks)",
+                         "loader montage 224 from the sample cache", "engine overhead (Run.step vs bare loop, CPU)"}
+    train = rows["finetune fasterrcnn cpu"]
+    assert train["samples_per_s"] > 0 and train["peak_mem_mb"] > 0 and 0 <= train["data_time_share"] < 1
+    assert rows["loader direct 448 (+masks)"]["items_per_s_per_worker"] > 0
+    assert rows["loader montage 224 from the sample cache"]["items_per_s_per_worker"] > 0
+    assert rows["engine overhead (Run.step vs bare loop, CPU)"]["ratio"] > 0
