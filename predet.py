@@ -28,7 +28,8 @@ Choices where the paper is silent (flag, default):
     crops so both views show the same content, kept when >= --predet-min-query 8 px in both views, NMS'd at
     --predet-query-nms 0.5 and randomly sampled; an image with no visible proposal gets random queries.
     The two crop windows are redrawn (10 tries, then one window for both) until their overlap holds a
-    query; MoCo-v2's crop area --predet-crop-scale 0.2 1.0 and MoCo-v2's PIL blur (sigma U(0.1, 2)); colour ops run on PIL views.
+    query; MoCo-v2's crop area --predet-crop-scale 0.2 1.0 and its PIL blur (sigma ~ U(0.1, 2)); the
+    colour ops run on PIL views (fast C kernels).
   --predet-dim 256: D of the CRPN features and of the CROI embedding/regression projections.
   CRPN: d2 RPN defaults: --predet-crpn-batch 256 anchors/image at --predet-crpn-pos-fraction 0.5 (the
     paper's 128 + 128, negatives fill in), low-quality matches on (--predet-crpn-no-low-quality for the
