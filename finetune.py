@@ -59,6 +59,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--keep-empty-images", action="store_true", help="train on images without boxes too")
     g.add_argument("--eval-only", action="store_true", help="evaluate --init or --resume, no training")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: at the end only)")
+    g.add_argument("--no-eval", action="store_true", help="train only (benchmarks); evaluate later with --eval-only")
     g.add_argument("--eval-batch-size", type=int, default=2)
     g.add_argument("--eval-backend", default="auto", choices=["auto", "pycocotools", "faster"],
                    help="auto = faster-coco-eval when installed (same stats), else pycocotools")
@@ -163,6 +164,8 @@ def main(args):
                        "box_head": args.box_head, "num_classes": train_set.num_classes, "init": args.init,
                        "schedule": f"{total} it" if args.iters else f"{epochs} ep" if args.epochs else args.schedule,
                        "trained": "all"})
+    if args.no_eval:
+        return
     stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
     run.log.jsonl({"iteration": run.iteration, **{f"test_bbox_{k}": v for k, v in stats["bbox"].items()}})
     write_results(args, stats, init_meta, meta)
