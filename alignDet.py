@@ -58,7 +58,7 @@ from torchvision.transforms.v2 import functional as TF
 from common import checkpoint, cli, dist, proposals
 from common.coco import CocoDetection, resolve_data
 from common.detectors import FINAL_LAYERS, add_detector_args, build_detector, check_detector_args, detector_kwargs
-from common.engine import Run, prepare_output_dir
+from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import aspect_groups, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr
 from common.transforms import PRESETS, per_instance, to_float_batch
@@ -174,10 +174,6 @@ def collate_views(batch):
             out[i].append(x)
         offset += target1["num_boxes"]
     return out
-
-
-def targets_to(targets, device):
-    return [{"boxes": t["boxes"].as_subclass(torch.Tensor).to(device), "ids": t["ids"].to(device)} for t in targets]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,8 +494,8 @@ def main(args):
     model.train()
     for it, (images1, targets1, images2, targets2) in run.batches(loader):
         run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
-        images1, targets1 = to_float_batch(images1, device), targets_to(targets1, device)
-        images2, targets2 = to_float_batch(images2, device), targets_to(targets2, device)
+        images1, targets1 = to_float_batch(images1, device), targets_to(targets1, device, keys=("boxes", "ids"))
+        images2, targets2 = to_float_batch(images2, device), targets_to(targets2, device, keys=("boxes", "ids"))
         with run.autocast():
             queries, query_ids, losses = model(images1, targets1)  # view 1, online: [N, D], [N], regression
             with torch.no_grad():

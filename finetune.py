@@ -27,7 +27,8 @@ import torch
 from common import checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import add_detector_args, build_detector_from_args, check_detector_args
-from common.engine import Run, evaluate, prepare_output_dir, targets_to
+from common.coco_eval import evaluate
+from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr
 from common.transforms import PRESETS, detection_eval, detection_train, to_float_batch

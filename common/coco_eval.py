@@ -3,16 +3,22 @@
 The results use the ORIGINAL category ids and original-image coordinates. ``coco_evaluate`` runs
 pycocotools' COCOeval, or faster-coco-eval's C++ implementation (same stats, much faster on large
 sets) when it is installed and ``backend`` is 'auto' or 'faster'. The ground truth is the dataset's
-``coco_gt()``, built once per dataset from its annotation file.
+``coco_gt()``, built once per dataset from its annotation file. ``evaluate`` runs a detector over a
+loader on every rank and returns the stats on every rank.
 """
 import contextlib
 import copy
 import io
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from tqdm import tqdm
+
+from common import dist
+from common.transforms import to_float_batch
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
@@ -65,3 +71,33 @@ def coco_evaluate(coco_gt, results, iou_type="bbox", backend="auto"):
         ev.accumulate()
         ev.summarize()
     return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:12])}  # -1 = undefined (no such GT)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, dtype=None, backend="auto"):
+    """Inference on every rank, gather on rank 0, COCOeval bbox (+ segm when the model outputs masks).
+
+    Returns {"bbox": {AP, AP50, ...}, ["segm": {...}], "images": n, "seconds": s} on every rank."""
+    dataset = loader.dataset
+    model.eval()
+    t0 = time.time()
+    results, n_images = [], 0
+    for images, targets in tqdm(loader, disable=not dist.is_main_process(), desc="eval", mininterval=30):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(to_float_batch(images, device))
+        for img, out, t in zip(images, outputs, targets):
+            results += to_coco_results(out, t["image_id"], img.shape[-2:], t["orig_size"], dataset.cat_ids)
+        n_images += len(images)
+    gathered = dist.all_gather_object((results, n_images))
+    stats = None
+    if dist.is_main_process():
+        results = [r for part, _ in gathered for r in part]
+        n_images = sum(n for _, n in gathered)
+        stats = {"bbox": coco_evaluate(dataset.coco_gt(), results, "bbox", backend)}
+        if results and "segmentation" in results[0]:
+            stats["segm"] = coco_evaluate(dataset.coco_gt(), results, "segm", backend)
+        skipped = len(dataset) - n_images
+        stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))
+    stats = dist.broadcast_object(stats)
+    model.train()
+    return stats

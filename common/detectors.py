@@ -13,7 +13,6 @@ Backbone norm modes: ``frozen`` (FrozenBatchNorm2d: statistics and affine fixed,
 ``syncbn`` (SyncBatchNorm across GPUs). ``num_classes`` counts the foreground classes K: labels are
 1..K and every head gets K + 1 outputs (index 0 = background / unused).
 """
-import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn

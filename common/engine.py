@@ -1,4 +1,4 @@
-"""What every training loop shares, and detection evaluation.
+"""What every training loop shares (detection evaluation: common.coco_eval.evaluate).
 
 A script's loop reads (the schedule and the losses stay in the script):
 
@@ -27,9 +27,7 @@ from tqdm import tqdm
 
 from common import checkpoint, dist
 from common.cli import UserError
-from common.coco_eval import coco_evaluate, to_coco_results
 from common.metrics import Meter, RunLog, peak_memory_mb
-from common.transforms import to_float_batch
 
 
 def prepare_output_dir(args, default):
@@ -275,38 +273,7 @@ class Run:
         return meta
 
 
-def targets_to(targets, device):
-    """Detection targets -> plain tensors on ``device`` (the keys torchvision's detectors read)."""
-    keys = ("boxes", "labels", "masks")
+def targets_to(targets, device, keys=("boxes", "labels", "masks")):
+    """Detection targets -> plain tensors on ``device`` (by default the keys torchvision's detectors read)."""
     return [{k: t[k].as_subclass(torch.Tensor).to(device, non_blocking=True) for k in keys if k in t}
             for t in targets]
-
-
-@torch.no_grad()
-def evaluate(model, loader, device, dtype=None, backend="auto"):
-    """Inference on every rank, gather on rank 0, COCOeval bbox (+ segm when the model outputs masks).
-
-    Returns {"bbox": {AP, AP50, ...}, ["segm": {...}], "images": n, "seconds": s} on every rank."""
-    dataset = loader.dataset
-    model.eval()
-    t0 = time.time()
-    results, n_images = [], 0
-    for images, targets in tqdm(loader, disable=not dist.is_main_process(), desc="eval", mininterval=30):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(to_float_batch(images, device))
-        for img, out, t in zip(images, outputs, targets):
-            results += to_coco_results(out, t["image_id"], img.shape[-2:], t["orig_size"], dataset.cat_ids)
-        n_images += len(images)
-    gathered = dist.all_gather_object((results, n_images))
-    stats = None
-    if dist.is_main_process():
-        results = [r for part, _ in gathered for r in part]
-        n_images = sum(n for _, n in gathered)
-        stats = {"bbox": coco_evaluate(dataset.coco_gt(), results, "bbox", backend)}
-        if results and "segmentation" in results[0]:
-            stats["segm"] = coco_evaluate(dataset.coco_gt(), results, "segm", backend)
-        skipped = len(dataset) - n_images
-        stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))
-    stats = dist.broadcast_object(stats)
-    model.train()
-    return stats

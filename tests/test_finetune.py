@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import TINY, iteration_losses, run_script
+from conftest import TINY, run_script
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
       "--warmup-iters", "5", *TINY]
