@@ -70,10 +70,12 @@ class TrainBatchSampler(torch.utils.data.Sampler):
 
 @contextlib.contextmanager
 def seeded(seed):
-    """Seeds torch, numpy and python RNGs for the block, restoring the previous states afterwards."""
+    """Seeds torch's CPU generator, numpy and python RNGs for the block, restoring their states afterwards.
+    (torch.manual_seed would also queue a seed for every accelerator backend: ~0.1 ms per item for nothing
+    the loader draws from.)"""
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.random.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         try:
