@@ -125,8 +125,8 @@ def image_size(flat_inputs):
 class ScaleLongSide(v2.Transform):
     """alpha ~ U(lo, hi), then an aspect-keeping resize so that the long side is round(alpha x size):
     the image fits in an (alpha L) x (alpha L) square (mmdet: Resize(img_scale=(L, L), ratio_range,
-    keep_ratio=True)). Image 3xHxW -> 3xH'xW' with max(H', W') = round(alpha L); boxes Nx4 scaled;
-    masks NxHxW -> NxH'xW' (nearest)."""
+    keep_ratio=True)). Image 3xHxW -> 3xH'xW' with max(H', W') = round(alpha L); boxes Nx4 scaled.
+    Given to CocoDetection as its load-time ``resize``, which rasterises the masks at H'xW'."""
 
     def __init__(self, size, scale_range):
         super().__init__()
@@ -203,10 +203,10 @@ class PadBottomRight(v2.Transform):
         return self._call_kernel(F.pad, inpt, padding=params["padding"], fill=fill)
 
 
-def direct_train_transform(size=448, scale_range=(0.8, 1.2), crop_tries=10, flip=0.5):
-    """(uint8 image 3xHxW, target) -> (uint8 image 3xLxL, target with boxes/labels/masks of the kept boxes)."""
+def direct_train_transform(size=448, crop_tries=10, flip=0.5):
+    """After ScaleLongSide: (uint8 image 3xH'xW', target) -> (uint8 image 3xLxL, target with the
+    boxes/labels/masks of the kept boxes)."""
     return v2.Compose([
-        ScaleLongSide(size, scale_range),
         CropKeepingBoxes(size, crop_tries),
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(labels_getter=per_instance),  # drops boxes under 1 px, with labels, masks
@@ -246,9 +246,9 @@ def main(args):
     # data: the training set only (nothing is evaluated here); images without boxes are left out, and
     # every batch is B x 3 x L x L, so no aspect-ratio grouping is needed
     train_set = CocoDetection(
-        data.train_images, data.train_ann,
-        direct_train_transform(args.direct_size, tuple(args.direct_scale_range), args.direct_crop_tries),
-        with_masks=args.detector == "maskrcnn", keep_empty=False, skip_bad_images=args.skip_bad_images)
+        data.train_images, data.train_ann, direct_train_transform(args.direct_size, args.direct_crop_tries),
+        with_masks=args.detector == "maskrcnn", keep_empty=False, skip_bad_images=args.skip_bad_images,
+        resize=ScaleLongSide(args.direct_size, tuple(args.direct_scale_range)))
     print(f"train ({data.train_ann}): {train_set.summary()}")
     loader = build_train_loader(train_set, args.batch_size, args.workers, args.seed, device)
 

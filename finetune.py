@@ -31,7 +31,7 @@ from common.coco_eval import evaluate
 from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr
-from common.transforms import PRESETS, detection_eval, detection_train, to_float_batch
+from common.transforms import PRESETS, eval_resize, to_float_batch, train_augment, train_resize
 
 PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
 SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}  # epochs, lr steps (epochs)
@@ -99,9 +99,10 @@ def main(args):
 
     # data
     with_masks = args.detector == "maskrcnn"
-    train_set = CocoDetection(data.train_images, data.train_ann, detection_train(args.preset), with_masks,
-                              keep_empty=args.keep_empty_images, skip_bad_images=args.skip_bad_images)
-    val_set = CocoDetection(data.val_images, data.val_ann, detection_eval(args.preset), with_masks=False,
+    train_set = CocoDetection(data.train_images, data.train_ann, train_augment(), with_masks,
+                              keep_empty=args.keep_empty_images, skip_bad_images=args.skip_bad_images,
+                              resize=train_resize(args.preset))
+    val_set = CocoDetection(data.val_images, data.val_ann, eval_resize(args.preset), with_masks=False,
                             skip_bad_images=args.skip_bad_images)
     print(f"train ({data.train_ann}): {train_set.summary()}")
     print(f"val ({data.val_ann}): {val_set.summary()}")

@@ -9,7 +9,8 @@ CPU): train samples/s (Montage: samples = 4 per montage; PreDet/AlignDet: image 
 max_memory_allocated, or the process' peak RSS on the CPU) and the share of step time spent waiting for
 data, all read from the run's own log.txt; and the ratio to fine-tuning the same detector in the same
 bench run. For each data pipeline at its paper-default size: loader-only items/s in ONE process (= per
-worker), and selective-search images/s for the proposal generator.
+worker), and selective-search images/s for the proposal generator. COCO evaluation seconds per 1000
+images (bbox, segm; pycocotools and faster-coco-eval) on 100 fabricated detections per image.
 Plus the engine overhead: one training step through ``common.engine.Run`` against the same
 torchvision model stepped in a bare loop on the same batch. Nothing here is asserted: figures only.
 """
@@ -27,7 +28,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from common import coco, engine, loader, transforms  # noqa: E402
+from common import coco, coco_eval, engine, loader, transforms  # noqa: E402
 from common.detectors import build_detector  # noqa: E402
 
 CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--rpn-batch-size", "64",
@@ -91,8 +92,8 @@ def pipelines(data, data_cache):
     from common import proposals
 
     def finetune_set(with_masks):
-        return coco.CocoDetection(data.train_images, data.train_ann, transforms.detection_train("800"),
-                                  with_masks=with_masks, keep_empty=False)
+        return coco.CocoDetection(data.train_images, data.train_ann, transforms.train_augment(),
+                                  with_masks=with_masks, keep_empty=False, resize=transforms.train_resize("800"))
 
     def predet_set():
         args = predet.get_args_parser().parse_args([])
@@ -116,7 +117,7 @@ def pipelines(data, data_cache):
             ("loader finetune 1333x800 (+masks)", lambda: finetune_set(True)),
             ("loader direct 448 (+masks)", lambda: coco.CocoDetection(
                 data.train_images, data.train_ann, direct.direct_train_transform(448), with_masks=True,
-                keep_empty=False)),
+                keep_empty=False, resize=direct.ScaleLongSide(448, (0.8, 1.2)))),
             ("loader predet 2x480 views + queries (pairs)", predet_set),
             ("loader aligndet 2x640-800 views + proposals (pairs)", aligndet_set),
             ("loader montage 224 from the sample cache", montage_set)]
@@ -133,6 +134,32 @@ def proposal_throughput(data, n=16):
     return len(images) / (time.perf_counter() - t)
 
 
+def evaluation_speed(data, per_image=100):
+    """COCOeval seconds per 1000 images, bbox and segm, for each installed backend, on the val set's own
+    ground truth with ``per_image`` fabricated detections per image: jittered copies of its objects, each
+    with the object's mask (so the matching work is that of a real detector's output)."""
+    gt = coco.CocoDetection(data.val_images, data.val_ann).coco_gt()
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for image_id in gt.getImgIds():
+        anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+        for i in range(per_image if anns else 0):
+            a = anns[i % len(anns)]
+            x, y, w, h = (torch.tensor(a["bbox"]) * (1 + 0.2 * (torch.rand(4, generator=g) - 0.5))).tolist()
+            rle = gt.annToRLE(a)
+            results.append({"image_id": image_id, "category_id": a["category_id"], "bbox": [x, y, w, h],
+                            "score": float(torch.rand((), generator=g)),
+                            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")}})
+    rows = []
+    for backend in ("pycocotools", "faster") if coco_eval.faster_coco_eval_available() else ("pycocotools",):
+        for iou_type in ("bbox", "segm"):
+            t = time.perf_counter()
+            coco_eval.coco_evaluate(gt, results, iou_type, backend)
+            rows.append({"name": f"COCO eval {iou_type}, {backend} ({per_image} dets/image)", "kind": "eval",
+                         "eval_s_per_1000_images": round((time.perf_counter() - t) / len(gt.imgs) * 1000, 2)})
+    return rows
+
+
 def run_workload(script, args, workers):
     """Runs a script for a few iterations; returns the figures of its last log.txt epoch record."""
     with tempfile.TemporaryDirectory() as out:
@@ -146,19 +173,24 @@ def run_workload(script, args, workers):
 
 
 def loader_throughput(dataset, n=64):
-    """Items per second of ``dataset`` (transforms included) in one process: the per-worker figure."""
-    seeded = loader.SeededDataset(dataset)
+    """Items per second of ``dataset`` (transforms included) in one process with one thread, as in a
+    DataLoader worker (torch gives each worker one thread): the per-worker figure."""
+    seeded, threads = loader.SeededDataset(dataset), torch.get_num_threads()
+    torch.set_num_threads(1)
     for i in range(3):
         seeded[(i, i)]
     t = time.perf_counter()
     for i in range(n):
         seeded[(i % len(dataset), i)]
-    return n / (time.perf_counter() - t)
+    rate = n / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return rate
 
 
 def engine_overhead(data, steps=4, rounds=3):
     """Median step time through Run.step / the same step in a bare loop, on one fixed CPU batch."""
-    ds = coco.CocoDetection(data.train_images, data.train_ann, transforms.detection_train("cpu"), keep_empty=False)
+    ds = coco.CocoDetection(data.train_images, data.train_ann, transforms.train_augment(), keep_empty=False,
+                            resize=transforms.train_resize("cpu"))
     images, targets = loader.collate_detection([ds[i] for i in range(4)])
     images, targets = transforms.to_float_batch(images, torch.device("cpu")), engine.targets_to(targets, "cpu")
     kw = dict(rpn_batch_size_per_image=64, box_batch_size_per_image=64, rpn_pre_nms_top_n_train=300,
@@ -231,6 +263,8 @@ def main():
     if keep("proposals"):
         rows.append({"name": "proposals: selective search (images)", "kind": "loader",
                      "items_per_s_per_worker": round(proposal_throughput(data), 2)})
+    if keep("COCO eval"):
+        rows += evaluation_speed(data)
     if keep("engine") and a.device == "cpu":
         rows.append({"name": "engine overhead (Run.step vs bare loop, CPU)", "kind": "engine",
                      **engine_overhead(data)})
@@ -251,7 +285,7 @@ def main():
 def print_table(rows, a):
     print(f"\nbench on {a.device} ({os.cpu_count()} CPUs), data: {a.data or 'synthetic'}")
     cols = ("samples_per_s", "peak_mem_mb", "data_time_share", "vs_reference", "items_per_s_per_worker",
-            "bare_step_s", "engine_step_s", "ratio", "error")
+            "eval_s_per_1000_images", "bare_step_s", "engine_step_s", "ratio", "error")
     print(f"| {'workload':<44} | " + " | ".join(cols) + " |")
     print("|" + "---|" * (len(cols) + 1))
     for r in rows:

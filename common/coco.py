@@ -22,6 +22,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
 from common import dist, synthetic
 from common.cli import UserError
@@ -89,12 +90,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
     keep_empty: keep images without (non-crowd) boxes; evaluation needs them, training usually not.
     skip_bad_images: an unreadable image gives None (with a warning) instead of a BadImageError.
+    resize: optional sizing transform, applied while loading, before ``transforms``: any v2 transform whose
+        ``make_params`` returns {"size": [h, w]} (v2.RandomShortestSize, direct.ScaleLongSide). The image
+        is resized (bilinear, antialiased), boxes are scaled, and polygon masks are rasterised directly at
+        [h, w]: 3-4x cheaper than decoding them at full size and resizing them (nearest).
     """
 
     def __init__(self, image_dir, ann_file, transforms=None, with_masks=False, keep_empty=True,
-                 skip_bad_images=False, require_annotations=True):
+                 skip_bad_images=False, require_annotations=True, resize=None):
         self.image_dir, self.ann_file = image_dir, ann_file
         self.transforms, self.with_masks, self.skip_bad_images = transforms, with_masks, skip_bad_images
+        self.resize = resize
         if not os.path.isdir(image_dir):
             raise UserError(f"{image_dir}: image folder not found")
         d = load_coco_json(ann_file, require_annotations)
@@ -172,7 +178,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return [r["size"][1] / r["size"][0] for r in self.records]
 
     def read_image(self, rec):
-        """Decodes one image to a uint8 RGB tensor; raises BadImageError naming the file."""
+        """Decodes one image to a uint8 RGB tensor 3xHxW; raises BadImageError naming the file."""
         path = os.path.join(self.image_dir, rec["file_name"])
         try:
             with Image.open(path) as img:
@@ -186,15 +192,18 @@ class CocoDetection(torch.utils.data.Dataset):
         return tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
 
     def load(self, idx):
-        """The untransformed (image, target) of item idx."""
+        """The (image, target) of item idx, sized by ``resize`` when given."""
         rec = self.records[idx]
         image = self.read_image(rec)
         h, w = rec["size"]
-        target = {"boxes": tv_tensors.BoundingBoxes(torch.from_numpy(rec["boxes"]), format="XYXY",
-                                                    canvas_size=(h, w)),
-                  "labels": torch.from_numpy(rec["labels"]), "image_id": rec["image_id"], "orig_size": (h, w)}
+        boxes = tv_tensors.BoundingBoxes(torch.from_numpy(rec["boxes"]), format="XYXY", canvas_size=(h, w))
+        size = [h, w] if self.resize is None else list(self.resize.make_params([image])["size"])
+        if size != [h, w]:
+            image, boxes = F.resize(image, size, antialias=True), F.resize(boxes, size)
+        target = {"boxes": boxes, "labels": torch.from_numpy(rec["labels"]), "image_id": rec["image_id"],
+                  "orig_size": (h, w)}
         if self.with_masks:
-            target["masks"] = tv_tensors.Mask(decode_masks(json.loads(rec["segms"]), h, w))
+            target["masks"] = tv_tensors.Mask(decode_masks(json.loads(rec["segms"]), h, w, size))
         return image, target
 
     def __getitem__(self, idx):
@@ -210,20 +219,20 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
 
-def decode_masks(segms, h, w):
-    """COCO polygons / RLEs -> uint8 tensor NxHxW."""
-    if not segms:
-        return torch.zeros((0, h, w), dtype=torch.uint8)
+def decode_masks(segms, h, w, size=None):
+    """COCO polygons / RLEs of an h x w image -> uint8 tensor N x size[0] x size[1] (default h x w).
+    Polygons are scaled and rasterised at ``size``; RLEs are decoded at h x w and resized (nearest)."""
+    oh, ow = size or (h, w)
+    sx, sy = ow / w, oh / h
     masks = []
     for s in segms:
-        if isinstance(s, list):  # polygons
-            rle = mask_utils.merge(mask_utils.frPyObjects(s, h, w))
-        elif isinstance(s.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(s, h, w)
-        else:
-            rle = s
-        masks.append(mask_utils.decode(rle))
-    return torch.from_numpy(np.stack(masks))
+        if isinstance(s, list):  # polygons [[x0, y0, x1, y1, ...], ...] in pixels
+            scaled = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)).ravel().tolist() for p in s]
+            masks.append(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(scaled, oh, ow))))
+        else:  # RLE, uncompressed (counts: list) or compressed
+            rle = mask_utils.frPyObjects(s, h, w) if isinstance(s.get("counts"), list) else s
+            masks.append(F.resize_mask(torch.from_numpy(mask_utils.decode(rle))[None], [oh, ow])[0].numpy())
+    return torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, oh, ow), dtype=torch.uint8)
 
 
 DataSpec = collections.namedtuple("DataSpec", "train_images train_ann val_images val_ann name")

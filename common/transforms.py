@@ -25,17 +25,25 @@ def per_instance(inputs):
     return tuple(target[k] for k in ("labels", "ids") if k in target)
 
 
-def detection_train(preset="800", flip=0.5):
+def train_resize(preset="800"):
+    """The preset's random short-side resize (long side capped), for ``CocoDetection(resize=...)``: applied
+    while loading, so that masks are rasterised at the output size."""
     min_sizes, max_size = PRESETS[preset]
+    return v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size, antialias=True)
+
+
+def train_augment(flip=0.5):
+    """What follows ``train_resize``: horizontal flip, boxes clipped, boxes under 1 px dropped (with their
+    labels, masks and ids)."""
     return v2.Compose([
-        v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size, antialias=True),
         v2.RandomHorizontalFlip(flip),
         v2.ClampBoundingBoxes(),
         v2.SanitizeBoundingBoxes(labels_getter=per_instance),
     ])
 
 
-def detection_eval(preset="800"):
+def eval_resize(preset="800"):
+    """The largest short side of the preset, long side capped (images only)."""
     min_sizes, max_size = PRESETS[preset]
     return v2.RandomShortestSize(min_size=[max(min_sizes)], max_size=max_size, antialias=True)
 

@@ -1,10 +1,13 @@
-"""Shared fixtures: a tiny synthetic COCO set, and a runner for the scripts as subprocesses."""
+"""Shared fixtures: a tiny synthetic COCO set, a one-image scene set, and a runner for the scripts as
+subprocesses."""
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -24,6 +27,25 @@ def shapes(tmp_path_factory):
     synthetic.generate(root, num_train=24, num_val=8, seed=3)
     return ["--train-images", f"{root}/train", "--train-ann", f"{root}/annotations/instances_train.json",
             "--val-images", f"{root}/val", "--val-ann", f"{root}/annotations/instances_val.json"]
+
+
+def write_scene(root, h, w, boxes, colours):
+    """A one-image COCO set under ``root``: a grey PNG with filled boxes of the given colours, each
+    annotated with its box and a rectangle polygon (category i + 1); returns (image_dir, ann_file)."""
+    img = np.full((h, w, 3), 128, np.uint8)
+    annotations = []
+    for i, ((x0, y0, x1, y1), colour) in enumerate(zip(boxes, colours)):
+        img[y0:y1, x0:x1] = colour
+        annotations.append({"id": i + 1, "image_id": 1, "category_id": i + 1, "bbox": [x0, y0, x1 - x0, y1 - y0],
+                            "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]], "iscrowd": 0})
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    Image.fromarray(img).save(os.path.join(root, "images", "scene.png"))
+    ann = os.path.join(root, "annotations.json")
+    with open(ann, "w") as f:
+        json.dump({"images": [{"id": 1, "file_name": "scene.png", "width": w, "height": h}],
+                   "annotations": annotations,
+                   "categories": [{"id": i + 1, "name": f"c{i + 1}"} for i in range(len(boxes))]}, f)
+    return os.path.join(root, "images"), ann
 
 
 def run_script(script, *args, expect_rc=0, timeout=600, env=None):

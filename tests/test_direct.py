@@ -9,7 +9,8 @@ from torchvision import tv_tensors
 
 import direct
 from common import cli
-from conftest import TINY, iteration_losses, run_script
+from common.coco import CocoDetection
+from conftest import TINY, iteration_losses, run_script, write_scene
 
 SMALL = [f for f in TINY if f not in ("--preset", "cpu")]  # direct.py sizes images with --direct-size
 # 8 sampled RoIs per image: the 4conv1fc head's convolutions on the RoIs dominate a CPU step
@@ -48,13 +49,19 @@ def check_sample(img, target, size, colours):
             assert (inner - expected).abs().max() < 40, f"box {box.tolist()} is off its pixels"
 
 
-def test_pipeline_gives_LxL_images_with_boxes_and_masks_on_their_pixels():
+def scene_set(root, h, w, boxes, colours, size, scale_range=(0.8, 1.2)):
+    """The Direct pipeline (load-time ScaleLongSide, then crop, flip, pad) on a one-image scene set."""
+    images, ann = write_scene(root, h, w, boxes, colours)
+    return CocoDetection(images, ann, direct.direct_train_transform(size), with_masks=True,
+                         resize=direct.ScaleLongSide(size, scale_range))
+
+
+def test_pipeline_gives_LxL_images_with_boxes_and_masks_on_their_pixels(tmp_path):
     torch.manual_seed(0)
-    img, target = scene(120, 200, [(20, 30, 80, 70), (120, 50, 190, 110)], (RED, BLUE))
-    transform = direct.direct_train_transform(size=96)
+    ds = scene_set(str(tmp_path), 120, 200, [(20, 30, 80, 70), (120, 50, 190, 110)], (RED, BLUE), 96)
     heights, flipped = set(), 0
     for _ in range(40):
-        out, t = transform(img, target)
+        out, t = ds[0]
         check_sample(out, t, 96, (RED, BLUE))
         # 200 px long side -> 96 x alpha in [77, 115]; the 120 px side -> [46, 69] rows of image, the rest
         # is padding in the mean colour at the bottom
@@ -67,13 +74,12 @@ def test_pipeline_gives_LxL_images_with_boxes_and_masks_on_their_pixels():
     assert len(heights) > 5 and 5 < flipped < 35  # alpha is drawn, and about half the samples are flipped
 
 
-def test_crop_is_redrawn_until_a_box_survives():
+def test_crop_is_redrawn_until_a_box_survives(tmp_path):
     """One small box at the right end of a wide image: most windows miss it, yet it is always kept."""
-    img, target = scene(100, 400, [(370, 40, 392, 70)], (RED,))
-    transform = direct.direct_train_transform(size=64, scale_range=(1.2, 1.2))  # long side 77 -> crop 64
+    ds = scene_set(str(tmp_path), 100, 400, [(370, 40, 392, 70)], (RED,), 64, (1.2, 1.2))  # long side 77 -> crop 64
     for seed in range(20):
         torch.manual_seed(seed)
-        out, t = transform(img, target)
+        out, t = ds[0]
         check_sample(out, t, 64, (RED,))
     # where hardly any window hits the box (left in 0..936), the last resort puts the window on it
     img, target = scene(64, 1000, [(10, 20, 30, 40)], (RED,))

@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from common import engine, synthetic
+from common import coco_eval, engine, synthetic
 from common.coco import CocoDetection
 from common.detectors import build_detector
 from common.loader import collate_detection
-from common.transforms import detection_train, to_float_batch
+from common.transforms import to_float_batch, train_augment, train_resize
 from conftest import run_script
 
 
 @pytest.fixture(scope="module")
 def batch(shapes):
-    ds = CocoDetection(shapes[1], shapes[3], detection_train("cpu"), keep_empty=False)
+    ds = CocoDetection(shapes[1], shapes[3], train_augment(), keep_empty=False, resize=train_resize("cpu"))
     images, targets = collate_detection([ds[i] for i in range(2)])
     return to_float_batch(images, torch.device("cpu")), engine.targets_to(targets, "cpu"), ds.num_classes
 
@@ -47,10 +47,13 @@ def test_bf16_autocast_and_channels_last_match_fp32(batch):
 def test_bench_emits_every_figure(tmp_path):
     synthetic.generate(str(tmp_path / "cache" / "shapes"), num_train=24, num_val=8, seed=3)
     run_script("common.bench", "--device", "cpu", "--data-cache", tmp_path / "cache", "--out", tmp_path / "bench",
-               "--only", "finetune fasterrcnn cpu,loader direct,loader montage")
+               "--only", "finetune fasterrcnn cpu,loader direct,loader montage,COCO eval")
     rows = {r["name"]: r for r in json.load(open(tmp_path / "bench" / "bench.json"))["rows"]}
+    backends = ("pycocotools", "faster") if coco_eval.faster_coco_eval_available() else ("pycocotools",)
+    evals = {f"COCO eval {t}, {b} (100 dets/image)" for b in backends for t in ("bbox", "segm")}
     assert set(rows) == {"finetune fasterrcnn cpu", "loader direct 448 (+masks)",
-                         "loader montage 224 from the sample cache"}
+                         "loader montage 224 from the sample cache"} | evals
+    assert all(rows[name]["eval_s_per_1000_images"] > 0 for name in evals)
     train = rows["finetune fasterrcnn cpu"]
     assert train["samples_per_s"] > 0 and train["peak_mem_mb"] > 0 and 0 <= train["data_time_share"] < 1
     assert rows["loader direct 448 (+masks)"]["items_per_s_per_worker"] > 0

@@ -3,7 +3,9 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from common.transforms import detection_eval, detection_train, per_instance
+from common.coco import CocoDetection
+from common.transforms import eval_resize, per_instance, train_augment, train_resize
+from conftest import write_scene
 
 RED, BLUE = (250, 10, 10), (10, 10, 250)
 
@@ -43,22 +45,27 @@ def test_flip_moves_boxes_masks_and_keeps_ids():
     check_alignment(out_img, out)
 
 
-def test_train_preset_resizes_and_flips_consistently():
+def test_train_preset_resizes_at_load_and_flips_consistently(tmp_path):
+    """The load-time resize scales the image and boxes and rasterises the polygon masks at the new size."""
     torch.manual_seed(0)
-    img, target = scene()
-    for _ in range(4):  # random flips
-        out_img, out = detection_train("cpu")(img, target)
-        assert min(out_img.shape[-2:]) == 128 or max(out_img.shape[-2:]) == 192
+    images, ann = write_scene(str(tmp_path), 120, 200, [(20, 30, 80, 70), (120, 50, 190, 110)], (RED, BLUE))
+    ds = CocoDetection(images, ann, train_augment(), with_masks=True, resize=train_resize("cpu"))
+    flipped = 0
+    for _ in range(12):  # random flips
+        out_img, out = ds[0]
+        assert tuple(out_img.shape[-2:]) == (115, 192)  # 128 short side would make the long side 213 > 192
         assert out["masks"].shape[-2:] == out_img.shape[-2:]
         check_alignment(out_img, out)
+        flipped += int(out["boxes"][0, 0] > out["boxes"][1, 0])
+    assert 0 < flipped < 12
 
 
 def test_eval_preset_sizes_short_side():
     img, _ = scene(100, 120)
-    out = detection_eval("800")(img)
+    out = eval_resize("800")(img)
     assert tuple(out.shape[-2:]) == (800, 960)
     img, _ = scene(100, 400)  # long side capped at 1333
-    assert tuple(detection_eval("800")(img).shape[-2:]) == (333, 1333)
+    assert tuple(eval_resize("800")(img).shape[-2:]) == (333, 1333)
 
 
 def test_crop_drops_boxes_outside_and_filters_labels_and_ids_together():
