@@ -1,4 +1,5 @@
-"""The COCO loader: category-id gaps, crowd boxes, empty images, degenerate boxes, bad input."""
+"""The COCO loader: category-id gaps, crowd boxes, empty images, degenerate boxes, bad input, masks
+rasterised at the load-time size."""
 import json
 import os
 
@@ -6,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
+from torchvision.transforms.v2 import functional as F
 
 from common.cli import UserError
-from common.coco import BadImageError, CocoDetection, load_coco_json
+from common.coco import BadImageError, CocoDetection, decode_masks, load_coco_json
 
 
 def write_set(tmp_path, annotations=None, images=None, categories=None, raw=None):
@@ -138,3 +141,18 @@ def test_load_coco_json_allows_unlabeled_sets(tmp_path):
     path.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg", "width": 4, "height": 4}],
                                 "categories": []}))
     assert load_coco_json(str(path), require_annotations=False)["annotations"] == []
+
+
+def test_masks_are_rasterised_at_the_requested_size():
+    """Polygons are scaled and rasterised at the output size; RLEs are decoded and resized (nearest)."""
+    rect = [[10, 20, 50, 20, 50, 40, 10, 40]]  # x 10..50, y 20..40 in a 60 x 80 (h x w) image
+    full = decode_masks([rect], 60, 80)
+    assert full.shape == (1, 60, 80) and full.dtype == torch.uint8
+    assert torch.equal(decode_masks([rect], 60, 80, [60, 80]), full)
+    for size, scale in (([30, 40], 0.5), ([150, 200], 2.5)):
+        ys, xs = decode_masks([rect], 60, 80, size)[0].nonzero(as_tuple=True)
+        extent = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+        assert max(abs(a - b * scale) for a, b in zip(extent, (10, 20, 50, 40))) <= 1, (size, extent)
+    rle = mask_utils.encode(np.asfortranarray(full[0].numpy()))
+    assert torch.equal(decode_masks([rle], 60, 80, [30, 40]), F.resize_mask(full, [30, 40]))
+    assert decode_masks([], 60, 80, [30, 40]).shape == (0, 30, 40)
