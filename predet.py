@@ -44,18 +44,16 @@ Choices where the paper is silent (flag, default):
     train2017, lr 0.2 at 1024 views scaled linearly, x0.1 at 1/5..4/5 of training, 1000-iteration
     warmup, SGD momentum 0.9, weight decay 1e-4 (d2). --init scratch (the paper trains from scratch),
     plain BN (SyncBN on several GPUs). meta "images_seen" counts images (2 views each).
-  --analyze-similarity: the paper's Fig. 5b for any checkpoint (see ``analyze_similarity``).
+  The paper's Fig. 5b (IoU vs feature similarity) for any checkpoint: python -m common.similarity CKPT.
 
     python predet.py                                 # synthetic set, defaults (slow on a CPU: use the next one)
     python predet.py --backbone resnet18 --preset cpu --anchor-scale 0.5 --predet-dim 64 --predet-num-queries 8 \\
         --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 16 --warmup-iters 4 --lr 0.02 --clip-grad 10 \\
         --device cpu --workers 1                     # CPU demo, ~1.5 min on 2 cores
     torchrun --nproc_per_node=8 predet.py --data-path /data/coco        # 8 GPUs x 4 images (8 views)
-    python predet.py --analyze-similarity runs/predet/<run>/model_final.pth --data-path /data/coco
 lr for other GPU counts: 0.2 x (2 x batch-size x NGPU) / 1024.
 """
 import argparse
-import json
 import os
 
 import cv2
@@ -73,9 +71,9 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, dist
+from common import cli, dist
 from common.coco import CocoDetection, resolve_data
-from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_detector, parts_of
+from common.detectors import BACKBONES, BOX_HEADS, build_backbone, parts_of
 from common.engine import Run, prepare_output_dir
 from common.loader import build_train_loader
 from common.proposals import load_proposals
@@ -107,10 +105,6 @@ def get_args_parser(add_help=True):
     g.add_argument("--iters", type=int, default=None, help="train this many iterations instead of epochs")
     g.add_argument("--warmup-iters", type=int, default=1000)
     g.add_argument("--preset", default="480", choices=sorted(SIZES), help="view size: 480 or cpu (128)")
-    g = parser.add_argument_group("analysis")
-    g.add_argument("--analyze-similarity", metavar="CKPT", default=None,
-                   help="no training: IoU-vs-similarity correlation (Fig. 5b) of any model_final.pth")
-    g.add_argument("--analyze-images", type=int, default=100, help="validation images for the analysis")
     # PreDet specific
     g = parser.add_argument_group("PreDet")
     g.add_argument("--predet-queries", default="random", choices=["random", "proposals"])
@@ -529,8 +523,6 @@ def check_args(args, device):
 
 def main(args):
     device = dist.init_distributed(args.device, args.dist_timeout)
-    if args.analyze_similarity:
-        return analyze_similarity(args, device)
     check_args(args, device)
     dist.seed_everything(args.seed)
     data = resolve_data(args)
@@ -589,60 +581,6 @@ def main(args):
                        "losses": [k for k in ("cls", "crpn", "croi", "croi_reg") if getattr(args, f"use_{k}")],
                        "trained": "backbone, fpn" + ", rpn conv" * args.use_crpn + ", box_head" * args.use_croi})
     print(f"wrote {os.path.join(args.output_dir, 'model_final.pth')}: parts {parts_of(state)}")
-
-
-@torch.no_grad()
-def analyze_similarity(args, device):
-    """The paper's Fig. 5b for any model_final.pth of this repo: on validation images resized to the view
-    size, pairs of boxes with IoU spread over 0.05-0.95 (one per 0.1-wide bin, around random reference
-    boxes), the cosine similarity of their RoIAlign 7x7 FPN features, and the Pearson correlation of IoU
-    and similarity per reference-box size (sqrt-area / side: small < 0.2 <= medium < 0.4 <= large).
-    Writes similarity.json and similarity.png next to the checkpoint (or into --output-dir)."""
-    path = args.analyze_similarity
-    meta = checkpoint.load(path, kind="final")["meta"]
-    detector = build_detector("fasterrcnn", 1, meta.get("backbone", args.backbone), "frozen")
-    checkpoint.load_pretrained(detector, path, parts=["backbone", "fpn"], allow_partial=True)
-    backbone, size = detector.backbone.to(device).eval(), SIZES[args.preset]
-    data = resolve_data(args)
-    val = CocoDetection(data.val_images, data.val_ann, v2.Resize((size, size), antialias=True))
-    roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    torch.manual_seed(args.seed)
-    bins = torch.arange(0.05, 0.95, 0.1).tolist()  # IoU bins [lo, lo + 0.1)
-    pairs = {"small": [], "medium": [], "large": []}  # (iou, similarity) per size bucket
-    for idx in range(min(args.analyze_images, len(val))):
-        feats = backbone(normalize(val[idx][0].to(device).float()[None] / 255))
-        for ref in random_boxes((0, 0, size, size), 8, (0.1, 0.6)):  # 8 reference boxes per image
-            wh = (ref[2:] - ref[:2]).repeat(256, 1)
-            centre = (ref[2:] + ref[:2]) / 2 + (torch.rand(256, 2) - 0.5) * 2 * wh
-            wh = wh * torch.exp(torch.empty(256, 2).uniform_(-0.7, 0.7))
-            cand = clip_boxes_to_image(torch.cat([centre - wh / 2, centre + wh / 2], 1), (size, size))
-            iou = box_iou(ref[None], cand)[0]
-            chosen = [int((iou - lo - 0.05).abs().argmin()) for lo in bins]  # nearest each bin's centre
-            chosen = [c for c, lo in zip(chosen, bins) if lo <= iou[c] < lo + 0.1]
-            boxes = torch.cat([ref[None], cand[chosen]]).to(device)
-            f = F.normalize(roi_pool(feats, [boxes], [(size, size)]).flatten(1), dim=1)
-            side = float((ref[2:] - ref[:2]).prod().sqrt()) / size
-            bucket = "small" if side < 0.2 else "medium" if side < 0.4 else "large"
-            pairs[bucket] += zip(iou[chosen].tolist(), (f[1:] @ f[0]).tolist())
-    table = {}
-    for bucket, values in pairs.items():
-        if len(values) > 2:
-            r = float(torch.corrcoef(torch.tensor(values).T)[0, 1])
-            table[bucket] = {"pairs": len(values), "pearson": r}
-            print(f"{bucket:>7}: {len(values)} pairs, Pearson r(IoU, cosine similarity) = {r:.3f}")
-    out = args.output_dir or os.path.dirname(os.path.abspath(path))
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "similarity.json"), "w") as f:
-        json.dump({"checkpoint": path, "method": meta.get("method"), "images": idx + 1, **table}, f, indent=1)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(4, 3))
-    ax.bar(list(table), [t["pearson"] for t in table.values()])
-    ax.set(ylabel="Pearson r (IoU, similarity)", title=f"{meta.get('method', '?')}: {os.path.basename(out)}")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "similarity.png"), dpi=100)
-    print(f"wrote {out}/similarity.json and similarity.png")
 
 
 if __name__ == "__main__":

@@ -169,8 +169,8 @@ def test_resume_is_exact_and_finetune_loads_the_pretrained_parts(shapes, tmp_pat
 
     # Fig. 5b analysis works on any checkpoint of the repo, here the fine-tuned one
     out = tmp_path / "sim"
-    proc = run_script("predet.py", "--analyze-similarity", tmp_path / "ft" / "model_final.pth", "--preset", "cpu",
-                      "--analyze-images", "2", "--device", "cpu", *shapes, "--output-dir", out)
+    proc = run_script("common.similarity", tmp_path / "ft" / "model_final.pth", "--size", "128", "--images", "2",
+                      "--device", "cpu", *shapes, "--output-dir", out)
     table = json.load(open(out / "similarity.json"))
     assert table["method"] == "finetune" and -1 <= table["medium"]["pearson"] <= 1
     assert (out / "similarity.png").stat().st_size > 0 and "Pearson r(IoU, cosine similarity)" in proc.stdout
