@@ -8,9 +8,10 @@ Direct, Montage, PreDet and AlignDet at their papers' per-GPU configurations on 
 CPU): train samples/s (Montage: samples = 4 per montage; PreDet/AlignDet: image pairs), peak memory (GPU
 max_memory_allocated, or the process' peak RSS on the CPU) and the share of step time spent waiting for
 data, all read from the run's own log.txt; and the ratio to fine-tuning the same detector in the same
-bench run. For each data pipeline at its paper-default size: loader-only items/s in ONE process (= per
-worker), and selective-search images/s for the proposal generator. COCO evaluation seconds per 1000
-images (bbox, segm; pycocotools and faster-coco-eval) on 100 fabricated detections per image.
+bench run. For each data pipeline at its paper-default size: loader-only items/s in ONE process with
+one thread (= per DataLoader worker), and selective-search images/s for the proposal generator. COCO
+evaluation seconds per 1000 images (bbox, segm; pycocotools and faster-coco-eval) on 100 fabricated
+detections per image.
 Plus the engine overhead: one training step through ``common.engine.Run`` against the same
 torchvision model stepped in a bare loop on the same batch. Nothing here is asserted: figures only.
 """
