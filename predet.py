@@ -29,7 +29,8 @@ Choices where the paper is silent (flag, default):
     --predet-query-nms 0.5 and randomly sampled; an image with no visible proposal gets random queries.
     The two crop windows are redrawn (10 tries, then one window for both) until their overlap holds a
     query; MoCo-v2's crop area --predet-crop-scale 0.2 1.0, colour jitter and blur (sigma ~ U(0.1, 2)) on
-    PIL views, with hue and blur through OpenCV (10x faster than PIL's; equal within rounding).
+    PIL views, with hue and blur through OpenCV (10x faster than PIL's; the hue equal within rounding, the
+    blur a true Gaussian where PIL's approximates it with box filters).
   --predet-dim 256: D of the CRPN features and of the CROI embedding/regression projections.
   CRPN: d2 RPN defaults: --predet-crpn-batch 256 anchors/image at --predet-crpn-pos-fraction 0.5 (the
     paper's 128 + 128, negatives fill in), low-quality matches on (--predet-crpn-no-low-quality for the
@@ -80,7 +81,6 @@ from common.proposals import load_proposals
 from common.optim import lr_at, param_groups, scaled_lr
 from common.transforms import normalize
 
-cv2.setNumThreads(1)  # OpenCV runs in the loader workers, one per core already
 SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the CPU demo's
 EXPORT = (("backbone.", "backbone."), ("crpn.conv.", "rpn.head.conv."), ("croi.box_head.", "roi_heads.box_head."))
 
@@ -150,7 +150,7 @@ class MocoColorJitter(v2.ColorJitter):
     8-bit hue by int(hue_factor x 255) modulo 256; the two HSV conversions differ by rounding only."""
 
     def _call_kernel(self, functional, inpt, *args, **kwargs):
-        if functional is not v2.functional.adjust_hue:
+        if functional is not v2.functional.adjust_hue or not isinstance(inpt, Image.Image):
             return super()._call_kernel(functional, inpt, *args, **kwargs)
         hsv = cv2.cvtColor(np.asarray(inpt), cv2.COLOR_RGB2HSV_FULL)  # [S, S, 3] uint8, hue in 0..255
         hsv[..., 0] += np.uint8(int(kwargs["hue_factor"] * 255) % 256)  # wraps around, as PIL's kernel
@@ -159,8 +159,9 @@ class MocoColorJitter(v2.ColorJitter):
 
 class MocoBlur(v2.Transform):
     """MoCo v2's blur: a Gaussian with sigma ~ U(lo, hi) on the PIL view (MoCo: PIL's GaussianBlur), run
-    through OpenCV (kernel +-3 sigma): ~1 ms instead of PIL's ~10 ms per 480-px view, within 0.3 grey levels
-    on average of PIL's box-filter approximation. (torchvision's tensor GaussianBlur costs ~10-25 ms.)"""
+    through OpenCV (a true Gaussian, kernel +-3 sigma): ~1 ms instead of PIL's ~10 ms per 480-px view. PIL's
+    is a 3-pass box approximation: the two differ by ~0.5 grey levels on average, by up to ~40 at sharp
+    edges. (torchvision's tensor GaussianBlur costs ~10-25 ms.)"""
 
     def __init__(self, sigma):
         super().__init__()
@@ -523,6 +524,7 @@ def check_args(args, device):
 
 def main(args):
     device = dist.init_distributed(args.device, args.dist_timeout)
+    cv2.setNumThreads(1)  # OpenCV runs in the (forked) loader workers, one per core already
     check_args(args, device)
     dist.seed_everything(args.seed)
     data = resolve_data(args)

@@ -2,12 +2,13 @@
 
 ``CocoDetection`` returns ``(image, target)``: a uint8 ``tv_tensors.Image`` (3xHxW, RGB; grayscale, CMYK
 and RGBA files are converted) and ``target = {boxes: BoundingBoxes XYXY float, labels: int64 in 1..K,
-masks: Mask NxHxW (with_masks), image_id, orig_size: (H, W)}``. Category ids are mapped to contiguous
-labels 1..K in id order; ``cat_ids[label - 1]`` maps back for evaluation. Crowd boxes never enter training
-targets (the evaluator still sees them through the ground truth). Fix-ups that COCO practice allows are
-applied and counted in a start-up summary: boxes clipped to the image, boxes with negative size or
-under 1 px dropped, missing 'area'/'iscrowd' filled. Everything else that is wrong in an annotation file
-is a one-line ``UserError`` naming the file and the entry.
+masks: Mask NxHxW (with_masks), image_id, orig_size: (H, W)}``; with a load-time ``resize`` the image,
+boxes and masks are H'xW' while ``orig_size`` stays the file's (H, W) (evaluation maps back to it).
+Category ids are mapped to contiguous labels 1..K in id order; ``cat_ids[label - 1]`` maps back for
+evaluation. Crowd boxes never enter training targets (the evaluator still sees them through the ground
+truth). Fix-ups that COCO practice allows are applied and counted in a start-up summary: boxes clipped to
+the image, boxes with negative size or under 1 px dropped, missing 'area'/'iscrowd' filled. Everything
+else that is wrong in an annotation file is a one-line ``UserError`` naming the file and the entry.
 """
 import collections
 import contextlib
@@ -227,7 +228,10 @@ def decode_masks(segms, h, w, size=None):
     masks = []
     for s in segms:
         if isinstance(s, list):  # polygons [[x0, y0, x1, y1, ...], ...] in pixels
-            scaled = [(np.asarray(p, dtype=np.float64).reshape(-1, 2) * (sx, sy)).ravel().tolist() for p in s]
+            scaled = []
+            for poly in s:  # pycocotools ignores an odd last value: so do we
+                xy = np.asarray(poly[:len(poly) // 2 * 2], dtype=np.float64).reshape(-1, 2)
+                scaled.append((xy * (sx, sy)).ravel().tolist())
             masks.append(mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(scaled, oh, ow))))
         else:  # RLE, uncompressed (counts: list) or compressed
             rle = mask_utils.frPyObjects(s, h, w) if isinstance(s.get("counts"), list) else s

@@ -8,7 +8,8 @@ random boxes: sides >= 32 px, aspect 1/3..3, sqrt-area <= 0.8 of the image), pic
 reference spreads over 0.05-0.95 (one per 0.1-wide bin), pool their 7x7 FPN features with RoIAlign (the
 FPN's level rule) and take the cosine similarity to the reference's. A backbone that localises well gives
 a high Pearson correlation between IoU and similarity; the table splits it by reference-box size
-(sqrt-area / side: small < 0.2 <= medium < 0.4 <= large). The checkpoint's backbone and FPN are loaded
+(sqrt-area / side: small < 0.2 <= medium < 0.4 <= large; with the 32-px minimum side, images under 160 px
+have no small references). The checkpoint's backbone and FPN are loaded
 into a Faster R-CNN of its backbone (a checkpoint without an FPN, e.g. Montage's, keeps a random FPN: the
 report says so). Writes similarity.json and similarity.png next to the checkpoint (or to --output-dir).
 """

@@ -149,10 +149,13 @@ def test_masks_are_rasterised_at_the_requested_size():
     full = decode_masks([rect], 60, 80)
     assert full.shape == (1, 60, 80) and full.dtype == torch.uint8
     assert torch.equal(decode_masks([rect], 60, 80, [60, 80]), full)
-    for size, scale in (([30, 40], 0.5), ([150, 200], 2.5)):
+    for size in ([30, 40], [150, 200], [30, 160]):  # halved, x2.5, and stretched (y x0.5, x x2)
+        sy, sx = size[0] / 60, size[1] / 80
         ys, xs = decode_masks([rect], 60, 80, size)[0].nonzero(as_tuple=True)
         extent = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
-        assert max(abs(a - b * scale) for a, b in zip(extent, (10, 20, 50, 40))) <= 1, (size, extent)
+        assert max(abs(a - b) for a, b in zip(extent, (10 * sx, 20 * sy, 50 * sx, 40 * sy))) <= 1, (size, extent)
+    odd = [rect[0] + [99]]  # a stray odd value is ignored, as pycocotools does
+    assert torch.equal(decode_masks([odd], 60, 80, [30, 160]), decode_masks([rect], 60, 80, [30, 160]))
     rle = mask_utils.encode(np.asfortranarray(full[0].numpy()))
     assert torch.equal(decode_masks([rle], 60, 80, [30, 40]), F.resize_mask(full, [30, 40]))
     assert decode_masks([], 60, 80, [30, 40]).shape == (0, 30, 40)
