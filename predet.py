@@ -66,7 +66,6 @@ from torch import nn
 from torchvision import tv_tensors
 from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, nms
 from torchvision.ops.misc import Conv2dNormActivation
@@ -74,7 +73,7 @@ from torchvision.transforms import v2
 
 from common import cli, dist
 from common.coco import CocoDetection, resolve_data
-from common.detectors import BACKBONES, BOX_HEADS, build_backbone, parts_of
+from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_head, parts_of
 from common.engine import Run, prepare_output_dir
 from common.loader import build_train_loader
 from common.proposals import load_proposals
@@ -362,12 +361,8 @@ class PreDet(nn.Module):
         self.anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)  # A = 3 per location, P2-P6
         self.roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)  # level by box size (FPN rule)
         self.crpn = ContrastiveRPN(3, args.predet_dim) if args.use_crpn else None
-        if args.use_croi:
-            head = (FastRCNNConvFCHead((256, 7, 7), [256] * 4, [1024], norm_layer=None)
-                    if args.box_head == "4conv1fc" else TwoMLPHead(256 * 7 * 7, 1024))
-            self.croi = ContrastiveROIHead(head, args.predet_dim, args.use_croi_reg)
-        else:
-            self.croi = None
+        self.croi = (ContrastiveROIHead(build_box_head(args.box_head), args.predet_dim, args.use_croi_reg)
+                     if args.use_croi else None)
         self.crpn_coder = det_utils.BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.croi_coder = det_utils.BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.sampler = det_utils.BalancedPositiveNegativeSampler(args.predet_crpn_batch,

@@ -125,16 +125,20 @@ def build_backbone(backbone, norm="frozen", trainable_layers=3, imagenet=False, 
     return model
 
 
+def build_box_head(box_head):
+    """The R-CNN box head on 256x7x7 RoI features -> 1024: '4conv1fc' (no norm) or '2fc'."""
+    if box_head == "4conv1fc":
+        return FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=None)
+    return TwoMLPHead(256 * 7 * 7, 1024)
+
+
 def build_detector(name, num_classes, backbone="resnet50", norm="frozen", box_head="4conv1fc",
                    trainable_layers=3, imagenet=False, **kwargs):
     """A torchvision detector for K = num_classes foreground classes; kwargs go to its constructor."""
     k1 = num_classes + 1
     if name in ("fasterrcnn", "maskrcnn"):
         body = build_backbone(backbone, norm, trainable_layers, imagenet)
-        if box_head == "4conv1fc":
-            head = FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=None)
-        else:
-            head = TwoMLPHead(256 * 7 * 7, 1024)
+        head = build_box_head(box_head)
         predictor = FastRCNNPredictor(1024, k1)
         if name == "fasterrcnn":
             model = FasterRCNN(body, None, box_head=head, box_predictor=predictor, **kwargs)
