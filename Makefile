@@ -138,6 +138,11 @@ $(C)/ft-imagenet-s%/results.json:
 	$(COMPARE_FT) --init imagenet --seed $* --output-dir $(@D) --resume auto
 $(foreach r,$(PRETRAINED),$(eval $(call finetune_from,$(C),$(r),$(COMPARE_FT))))
 
+# one fine-tune: make finetune DATA=/data/coco DETECTOR=retinanet INIT=imagenet|scratch|path/to/model_final.pth
+finetune: install
+	$(TORCHRUN) finetune.py --data-path $(DATA) --detector $(DETECTOR) --init $(INIT) \
+		--output-dir $(OUT)/finetune/$(DETECTOR)_$(subst /,-,$(INIT)) --resume auto
+
 bench: install
 	$(PY) -m common.bench
 

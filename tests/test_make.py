@@ -39,6 +39,14 @@ def test_compare_runs_every_stage_with_torchrun(tmp_path):
     assert out.index("direct.py") < out.index(f"--init {root}/direct-p1x/model_final.pth")
 
 
+def test_single_finetune_target(tmp_path):
+    out = make("finetune", f"OUT={tmp_path}", "DATA=/data/coco", "DETECTOR=retinanet",
+               "INIT=runs/direct/x/model_final.pth").stdout
+    line = next(line for line in out.splitlines() if "finetune.py" in line)
+    assert "torch.distributed.run" in line and "--nproc_per_node=8" in line
+    assert "--data-path /data/coco --detector retinanet --init runs/direct/x/model_final.pth" in line
+
+
 def test_multi_node_lines(tmp_path):
     out = make("compare-runs", f"OUT={tmp_path}", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=10.0.0.7",
                "NGPU=4").stdout
