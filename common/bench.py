@@ -57,15 +57,18 @@ def workloads(device, data_flags):
     compared with (fine-tuning the same detector; at 1333x800 on the GPU, the CPU configuration on the CPU)."""
     on_gpu = device == "cuda"
     iters = 30 if on_gpu else 6
-    common = ["--device", device, "--no-tb", "--print-freq", "1", "--max-iters", str(iters), *data_flags]
+
+    def run_flags(iters):
+        return ["--device", device, "--no-tb", "--print-freq", "1", "--max-iters", str(iters), *data_flags]
+
+    common = run_flags(iters)
     ft = ["--init", "scratch", "--warmup-iters", "1", "--no-eval"]
     out = []
     for det in ("fasterrcnn", "maskrcnn", "retinanet", "fcos"):
         big = ["--backbone", "resnet50", "--preset", "800", "--batch-size", "4" if on_gpu else "2"]
         if on_gpu or det == "fasterrcnn":  # on a CPU one full-size row (~1 min a step) shows the ratio
             out.append((f"finetune {det} 1333x800", "finetune.py",
-                        ft + ["--detector", det] + big + common[:-2] + ["--max-iters", str(iters if on_gpu else 2)],
-                        None))
+                        ft + ["--detector", det] + big + run_flags(iters if on_gpu else 2), None))
         if not on_gpu:
             out.append((f"finetune {det} cpu", "finetune.py", ft + ["--detector", det, "--batch-size", "4"]
                         + CPU_DET + common, "finetune fasterrcnn 1333x800"))
@@ -86,7 +89,7 @@ def workloads(device, data_flags):
 
 
 def pipelines(data, data_cache):
-    """(name, make_dataset, items_per_call) for each data pipeline at its paper-default size."""
+    """(name, make_dataset) for each data pipeline at its paper-default size."""
     import direct
     import montage
     import predet
@@ -147,6 +150,7 @@ def evaluation_speed(data, per_image=100):
     results = []
     for image_id in gt.getImgIds():
         anns = [a for a in gt.loadAnns(gt.getAnnIds(imgIds=image_id)) if not a["iscrowd"]]
+        rles = [gt.annToRLE(a) for a in anns] if with_masks else []  # one per object, shared by its copies
         for i in range(per_image if anns else 0):
             a = anns[i % len(anns)]
             x, y, w, h = a["bbox"]
@@ -154,7 +158,7 @@ def evaluation_speed(data, per_image=100):
             r = {"image_id": image_id, "category_id": a["category_id"], "score": float(torch.rand((), generator=g)),
                  "bbox": [x + dx * w, y + dy * h, w * (1 + dw), h * (1 + dh)]}
             if with_masks:
-                rle = gt.annToRLE(a)
+                rle = rles[i % len(anns)]
                 counts = rle["counts"]
                 r["segmentation"] = {"size": rle["size"],
                                      "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
