@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from common import dist
 from common.cli import Unavailable, UserError
-from common.transforms import IMAGENET_MEAN, IMAGENET_STD
+from common.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_mean_std
 
 DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
@@ -56,6 +56,10 @@ class PresizedTransform(GeneralizedRCNNTransform):
 
     def resize(self, image, target=None):
         return image, target
+
+    def normalize(self, image):  # torchvision's makes mean and std on the device for every image (a host sync)
+        mean, std = imagenet_mean_std(image.device, image.dtype)
+        return (image - mean[0]) / std[0]
 
 
 def add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn="frozen", trainable_layers=3):

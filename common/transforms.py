@@ -4,6 +4,8 @@ Images stay uint8 through the loader (4x less to copy than float) and become flo
 (``to_float_batch``/``normalize``). Detectors get images already sized by these presets: their own
 internal resize is disabled (``common.detectors.PresizedTransform``), so nothing is resized twice.
 """
+import functools
+
 import torch
 from torchvision.transforms import v2
 
@@ -53,8 +55,14 @@ def to_float_batch(images, device):
     return [img.to(device, non_blocking=True).float().div_(255) for img in images]
 
 
+@functools.lru_cache(maxsize=None)
+def imagenet_mean_std(device, dtype):
+    """ImageNet mean and std [1, 3, 1, 1] on ``device``, made once: building them per step would copy from
+    the host and wait for the GPU every time."""
+    return tuple(torch.tensor(v, dtype=dtype).view(1, 3, 1, 1).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+
+
 def normalize(batch):
     """float [0, 1] Bx3xHxW -> ImageNet-normalised (for models without torchvision's detector transform)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    mean, std = imagenet_mean_std(batch.device, batch.dtype)
     return (batch - mean) / std
