@@ -61,7 +61,7 @@ from common.detectors import FINAL_LAYERS, add_detector_args, build_detector, ch
 from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import aspect_groups, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr
-from common.transforms import PRESETS, per_instance, to_float_batch
+from common.transforms import PRESETS, to_float_batch, train_augment, train_resize
 
 PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
 
@@ -134,12 +134,10 @@ class RandomColorOp(v2.Transform):
 
 
 def build_view_transform(preset):
-    """One view: resize (short side from the preset, long side capped), flip, one colour op. No crop, so
-    every pseudo box stays in the view; boxes under 1 px after resizing are dropped with their ids."""
-    min_sizes, max_size = PRESETS[preset]
-    return v2.Compose([v2.RandomShortestSize(min_size=list(min_sizes), max_size=max_size, antialias=True),
-                       v2.RandomHorizontalFlip(0.5), RandomColorOp(), v2.ClampBoundingBoxes(),
-                       v2.SanitizeBoundingBoxes(labels_getter=per_instance)])
+    """One view: the fine-tune's resize (short side from the preset, long side capped) and augmentation
+    (flip; boxes under 1 px after resizing dropped with their ids), then one colour op. No crop, so every
+    pseudo box stays in the view."""
+    return v2.Compose([train_resize(preset), train_augment(), RandomColorOp()])
 
 
 class TwoViews(torch.utils.data.Dataset):
