@@ -180,17 +180,9 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def read_image(self, rec):
         """Decodes one image to a uint8 RGB tensor 3xHxW; raises BadImageError naming the file."""
-        path = os.path.join(self.image_dir, rec["file_name"])
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as e:
-            raise BadImageError(f"{path}: cannot read image ({e}); use --skip-bad-images to skip such "
-                                "images") from None
-        h, w = rec["size"]
-        if (img.height, img.width) != (h, w):
-            raise BadImageError(f"{path}: image is {img.width}x{img.height} but its annotation says {w}x{h}")
-        return tv_tensors.Image(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        rgb = read_rgb(os.path.join(self.image_dir, rec["file_name"]), rec["size"],
+                       "; use --skip-bad-images to skip such images")
+        return tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1))
 
     def load(self, idx):
         """The (image, target) of item idx, sized by ``resize`` when given."""
@@ -218,6 +210,20 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def read_rgb(path, size, hint=""):
+    """Decodes an image file to a uint8 RGB array HxWx3 (grayscale, CMYK, RGBA, palette converted), checking
+    it against its annotated size (h, w); raises BadImageError naming the file (``hint`` ends the message)."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise BadImageError(f"{path}: cannot read image ({e}){hint}") from None
+    h, w = size
+    if (img.height, img.width) != (h, w):
+        raise BadImageError(f"{path}: image is {img.width}x{img.height} but its annotation says {w}x{h}")
+    return np.array(img)
 
 
 def decode_masks(segms, h, w, size=None):

@@ -28,13 +28,13 @@ import glob
 import json
 import multiprocessing
 import os
+import shutil
 import sys
 import tempfile
 
 import numpy as np
 import torch
-from PIL import Image
-from torchvision.ops import nms
+from torchvision.ops import box_convert, clip_boxes_to_image, nms
 from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ if ROOT not in sys.path:
 
 from common import cli  # noqa: E402
 from common.cli import UserError  # noqa: E402
-from common.coco import load_coco_json, resolve_data  # noqa: E402
+from common.coco import load_coco_json, read_rgb, resolve_data  # noqa: E402
 
 MIN_SIZE, MAX_RATIO, MAX_SIZE_RATIO = 32, 3.0, 0.8  # the ratio3size0008 filter
 SS_MAX_SIDE = 500  # px: long side of the copy selective search runs on (methods.md §0)
@@ -121,12 +121,14 @@ def selective_search(image, max_side=SS_MAX_SIDE):
     ss.switchToSelectiveSearchFast()
     rects = torch.from_numpy(ss.process().astype(np.float32)).reshape(-1, 4)  # [N, 4] x, y, w, h (small)
     sx, sy = width / small.shape[1], height / small.shape[0]
-    boxes = torch.stack([rects[:, 0] * sx, rects[:, 1] * sy, (rects[:, 0] + rects[:, 2]) * sx,
-                         (rects[:, 1] + rects[:, 3]) * sy], dim=1)
-    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
-    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
-    scores = 1 - torch.arange(len(boxes), dtype=torch.float32) / max(len(boxes), 1)
-    return boxes, scores
+    boxes = box_convert(rects, "xywh", "xyxy") * torch.tensor([sx, sy, sx, sy])
+    boxes = clip_boxes_to_image(boxes, (height, width))
+    return boxes, rank_scores(len(boxes))
+
+
+def rank_scores(n):
+    """Scores [n] of boxes given in rank order: 1 - rank / n."""
+    return 1 - torch.arange(n, dtype=torch.float32) / max(n, 1)
 
 
 def image_proposals(image_dir, im, settings):
@@ -135,21 +137,13 @@ def image_proposals(image_dir, im, settings):
     if settings["method"] == "random":
         g = torch.Generator().manual_seed(settings["seed"] * 1000003 + im["id"])
         boxes = random_boxes(width, height, settings["topk"] * 4, g)
-        scores = 1 - torch.arange(len(boxes), dtype=torch.float32) / max(len(boxes), 1)
+        scores = rank_scores(len(boxes))
     else:
-        path = os.path.join(image_dir, im["file_name"])
-        try:
-            with Image.open(path) as img:
-                rgb = np.asarray(img.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: cannot read image ({e})") from None
-        if rgb.shape[:2] != (height, width):
-            raise UserError(f"{path}: image is {rgb.shape[1]}x{rgb.shape[0]} but its annotation says "
-                            f"{width}x{height}")
+        rgb = read_rgb(os.path.join(image_dir, im["file_name"]), (height, width))
         boxes, scores = selective_search(rgb, settings["ss_max_side"])
     boxes, scores, rule = select_proposals(boxes, scores, width, height, settings["topk"], settings["nms_iou"])
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1)
-    return [[round(v, 2) for v in b] + [round(float(s), 5)] for b, s in zip(xywh.tolist(), scores)], rule
+    xywh = box_convert(boxes, "xyxy", "xywh")
+    return [[round(v, 2) for v in b] + [round(s, 5)] for b, s in zip(xywh.tolist(), scores.tolist())], rule
 
 
 # ---- the resumable, parallel generator ----
@@ -200,7 +194,7 @@ def generate(image_dir, ann_file, out, settings, workers=1, shard_size=64):
     shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     todo = [(i, s, image_dir, settings, parts_dir) for i, s in enumerate(shards)
             if not os.path.exists(os.path.join(parts_dir, f"shard_{i:06d}.json"))]
-    done = sum(len(s) for s in shards) - sum(len(job[1]) for job in todo)
+    done = len(images) - sum(len(job[1]) for job in todo)
     if done:
         print(f"resuming: {len(shards) - len(todo)}/{len(shards)} shards ({done} images) already in {parts_dir}")
     with tqdm(total=len(images), initial=done, desc=f"proposals ({settings['method']})", dynamic_ncols=True,
@@ -236,9 +230,7 @@ def merge_shards(images, shards, parts_dir, out, settings):
             "images_without_proposals": rules["none"]}
     atomic_write_json({"info": info, "images": images, "annotations": annotations,
                        "categories": [{"id": 1, "name": "proposal"}]}, out)
-    for path in glob.glob(os.path.join(parts_dir, "*")):
-        os.remove(path)
-    os.rmdir(parts_dir)
+    shutil.rmtree(parts_dir)
     return info
 
 
@@ -305,8 +297,7 @@ def main(args):
         print(f"{out} exists (pass --overwrite to recompute it)")
         return
     if args.overwrite:
-        for path in glob.glob(os.path.join(out + ".parts", "*")):
-            os.remove(path)
+        shutil.rmtree(out + ".parts", ignore_errors=True)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     settings = {"method": args.method, "topk": args.topk, "nms_iou": args.nms_iou,
                 "ss_max_side": args.ss_max_side if args.method == "ss" else None, "seed": args.seed}
