@@ -37,7 +37,8 @@ CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5",
            "--roi-batch-size", "64", "--rpn-post-nms-train", "300", "--rpn-post-nms-test", "100"]
 
 
-# the CPU demo configurations of the pre-training scripts (Makefile: DEMO_*), for CPU bench rows
+# small CPU configurations of the pre-training scripts for the CPU bench rows: the demo's (Makefile: DEMO_*)
+# sizes, but with the papers' 4conv1fc box head where the demo uses 2fc
 CPU_METHODS = {
     "direct": ["--detector", "fasterrcnn", "--backbone", "resnet18", "--direct-size", "128", "--batch-size", "8",
                "--anchor-scale", "0.5", "--rpn-batch-size", "64", "--roi-batch-size", "32",
