@@ -57,7 +57,7 @@ from common.detectors import add_detector_args, build_detector_from_args, check_
 from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr
-from common.transforms import IMAGENET_MEAN, per_instance, to_float_batch
+from common.transforms import IMAGENET_MEAN, to_float_batch, train_augment
 
 PAPER_BATCH = 64  # 8 GPUs x 8 images
 PAPER_LR = {"fasterrcnn": 0.08, "maskrcnn": 0.08, "retinanet": 0.04, "fcos": 0.04}  # at global batch 64
@@ -206,13 +206,8 @@ class PadBottomRight(v2.Transform):
 def direct_train_transform(size=448, crop_tries=10, flip=0.5):
     """After ScaleLongSide: (uint8 image 3xH'xW', target) -> (uint8 image 3xLxL, target with the
     boxes/labels/masks of the kept boxes)."""
-    return v2.Compose([
-        CropKeepingBoxes(size, crop_tries),
-        v2.ClampBoundingBoxes(),
-        v2.SanitizeBoundingBoxes(labels_getter=per_instance),  # drops boxes under 1 px, with labels, masks
-        v2.RandomHorizontalFlip(flip),
-        PadBottomRight(size, MEAN_COLOUR),
-    ])
+    # the fine-tune's augmentation in the middle: flip, then boxes under 1 px dropped with labels and masks
+    return v2.Compose([CropKeepingBoxes(size, crop_tries), train_augment(flip), PadBottomRight(size, MEAN_COLOUR)])
 
 
 # ---------------------------------------------------------------------------------------------------
