@@ -303,7 +303,7 @@ class BoxDomainModel(nn.Module):
         losses = {}
         if self.training:
             ltrb, centerness = det.head.regression_head(features)  # [B, P, 4], [B, P, 1]
-            fg = matched >= 0
+            fg = (matched >= 0).nonzero(as_tuple=True)  # (image, point) indices of the F positives: one sync
             anchors = torch.stack(anchors)  # [B, P, 4]
             gt = torch.stack([t["boxes"][m.clamp(min=0)] if len(t["boxes"]) else torch.zeros_like(a)
                               for m, t, a in zip(matched, targets, anchors)])  # [B, P, 4]
@@ -329,9 +329,9 @@ def box_contrastive_loss(queries, query_ids, keys, key_ids, temperature=0.5):
     """
     q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
     is_query = query_ids > 0
-    if not is_query.any():
-        return queries.sum() * 0.0  # no pseudo-box sample in this batch: zero, but keeps the graph
     qp, qp_ids = q[is_query], query_ids[is_query]  # [M, D], [M]
+    if len(qp_ids) == 0:
+        return queries.sum() * 0.0  # no pseudo-box sample in this batch: zero, but keeps the graph
     bank = torch.cat([q.detach(), k])  # [Nq+Nk, D]: online samples, then teacher samples
     bank_ids = torch.cat([query_ids, key_ids])  # [Nq+Nk]
     sims = qp @ bank.T / temperature  # [M, Nq+Nk]
