@@ -54,7 +54,7 @@ from torchvision.ops import box_iou
 from tqdm import tqdm
 
 from common import checkpoint, cli, dist
-from common.coco import BadImageError, CocoDetection, load_coco_json, resolve_data
+from common.coco import BadImageError, CocoDetection, resolve_data
 from common.detectors import BACKBONES
 from common.engine import Run, prepare_output_dir
 from common.loader import SeededDataset, build_train_loader
@@ -157,7 +157,7 @@ def resize_to_cover(sample, region_h, region_w):
     return cv2.resize(sample, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
-def plan_samples(dataset, crowd_boxes, cfg):
+def plan_samples(dataset, cfg):
     """The sample boxes of every image, without decoding any: [(boxes N x 4 xyxy, labels N)] per record,
     positives (label 1..K) then negatives (label 0). Each image draws from its own RNG; negatives keep the
     running total at floor(positives so far / pos_per_neg), an image that cannot fit its share (crowded or
@@ -167,11 +167,11 @@ def plan_samples(dataset, crowd_boxes, cfg):
         rng = np.random.default_rng([cfg["seed"], i])
         img_h, img_w = rec["size"]
         keep = ((rec["boxes"][:, 2:] - rec["boxes"][:, :2]) >= cfg["min_box"]).all(1)  # no tiny boxes
-        gt, labels = rec["boxes"][keep], rec["labels"][keep]  # P x 4, P (crowd boxes are not in records)
+        gt, labels = rec["boxes"][keep], rec["labels"][keep]  # P x 4, P (crowd boxes are apart, in "crowd")
         grow = rng.uniform(0, cfg["enlarge"], (len(gt), 4)) * np.tile(gt[:, 2:] - gt[:, :2], 2)  # P x 4
         pos = np.clip(gt + grow * [-1, -1, 1, 1], 0, [img_w, img_h, img_w, img_h])  # enlarged, clipped
         positives += len(pos)
-        objects = np.concatenate([pos, rec["boxes"], crowd_boxes.get(rec["image_id"], np.zeros((0, 4)))])
+        objects = np.concatenate([pos, rec["boxes"], rec["crowd"]])
         neg = random_negatives(rng, img_w, img_h, objects, int(positives / cfg["pos_per_neg"]) - negatives, cfg)
         negatives += len(neg)
         plans.append((np.concatenate([pos, neg]).astype(np.float32),
@@ -257,13 +257,8 @@ def extract_samples(args, data, path):
     another, and writes index.npy (INDEX_DTYPE rows) and info.json; ``path`` appears complete or not at all."""
     dataset = CocoDetection(data.train_images, data.train_ann, keep_empty=True,
                             skip_bad_images=args.skip_bad_images)
-    crowd = {}
-    for a in load_coco_json(data.train_ann)["annotations"]:
-        if a["iscrowd"]:
-            x, y, w, h = a["bbox"]
-            crowd.setdefault(a["image_id"], []).append((x, y, x + w, y + h))
     cfg = extraction_settings(args)
-    plans = plan_samples(dataset, {k: np.array(v) for k, v in crowd.items()}, cfg)
+    plans = plan_samples(dataset, cfg)
     tmp = f"{path}.tmp-{os.getpid()}"
     os.makedirs(tmp)
     rows, offset = [], 0

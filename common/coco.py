@@ -6,9 +6,10 @@ masks: Mask NxHxW (with_masks), image_id, orig_size: (H, W)}``; with a load-time
 boxes and masks are H'xW' while ``orig_size`` stays the file's (H, W) (evaluation maps back to it).
 Category ids are mapped to contiguous labels 1..K in id order; ``cat_ids[label - 1]`` maps back for
 evaluation. Crowd boxes never enter training targets (the evaluator still sees them through the ground
-truth). Fix-ups that COCO practice allows are applied and counted in a start-up summary: boxes clipped to
-the image, boxes with negative size or under 1 px dropped, missing 'area'/'iscrowd' filled. Everything
-else that is wrong in an annotation file is a one-line ``UserError`` naming the file and the entry.
+truth; each record keeps them apart, as 'crowd', for samplers that must avoid them). Fix-ups that COCO
+practice allows are applied and counted in a start-up summary: boxes clipped to the image, boxes with
+negative size or under 1 px dropped, missing 'area'/'iscrowd' filled. Everything else that is wrong in
+an annotation file is a one-line ``UserError`` naming the file and the entry.
 """
 import collections
 import contextlib
@@ -128,11 +129,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _record(self, im, anns, label_of):
         w, h = im["width"], im["height"]
-        boxes, labels, segms = [], [], []
+        boxes, labels, segms, crowd = [], [], [], []
         for a in anns:
             x, y, bw, bh = a["bbox"]
             if a["iscrowd"]:
                 self.stats["crowd boxes (excluded)"] += 1
+                crowd.append((x, y, x + bw, y + bh))
                 continue
             if bw < 0 or bh < 0:
                 self.stats["boxes with negative size (dropped)"] += 1
@@ -152,6 +154,7 @@ class CocoDetection(torch.utils.data.Dataset):
         return {"image_id": im["id"], "file_name": im["file_name"], "size": (int(h), int(w)),
                 "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
                 "labels": np.asarray(labels, dtype=np.int64),
+                "crowd": np.asarray(crowd, dtype=np.float64).reshape(-1, 4),  # XYXY, as annotated: not trained on
                 # one JSON string per image: cheap to share with forked DataLoader workers
                 "segms": json.dumps(segms).encode() if self.with_masks else None}
 
