@@ -380,7 +380,7 @@ class PreDet(nn.Module):
         f2 = {k: v[B:] for k, v in feats.items()}
         fq = self.roi_pool(f2, queries2, [size] * B)  # f_q: [sum Q_b, 256, 7, 7], view 2
         if self.crpn is not None:
-            proposals = self.crpn_step(f1, fq, queries1, size, losses, with_proposals=self.croi is not None)
+            proposals = self.crpn_step(view1, f1, fq, queries1, losses, with_proposals=self.croi is not None)
         else:
             proposals = [jittered_and_random(q, size, self.args.predet_post_nms) for q in queries1]
         if self.croi is not None:
@@ -398,14 +398,21 @@ class PreDet(nn.Module):
         per_level = [-(t * F.log_softmax(self.cls_head(x[has].mean((2, 3))), 1)).sum(1).mean() for x in levels]
         return torch.stack(per_level).mean()
 
-    def crpn_step(self, f1, fq, queries1, size, losses, with_proposals):
+    def view_anchors(self, view1, levels):
+        """The anchors of view 1, B x [N, 4] XYXY in view pixels, in the CRPN's order (level, y, x, anchor).
+        torchvision's AnchorGenerator takes each level's stride from the ImageList's tensor, which must
+        therefore be the views themselves [B, 3, S, S], not a feature map."""
+        return self.anchors(ImageList(view1, [tuple(view1.shape[-2:])] * len(view1)), levels)
+
+    def crpn_step(self, view1, f1, fq, queries1, losses, with_proposals):
         """CRPN losses into ``losses``; returns the proposals (no gradient) per image [K_b, 4]."""
         a = self.args
+        size = tuple(view1.shape[-2:])
         counts = [len(q) for q in queries1]
         fq_pad = torch.nn.utils.rnn.pad_sequence(fq.flatten(1).split(counts), batch_first=True)  # [B, Qm, 12544]
         levels = [f1[k] for k in ("0", "1", "2", "3", "pool")]
         scores, deltas = self.crpn(levels, fq_pad)  # [B, Qm, N], [B, Qm, N, 4]
-        anchors = self.anchors(ImageList(f1["0"], [size] * len(counts)), levels)  # B x [N, 4]
+        anchors = self.view_anchors(view1, levels)  # B x [N, 4]
         cls_l, reg_l, n_sampled, proposals = [], [], 0, []
         for b, (q, anc) in enumerate(zip(queries1, anchors)):
             matched, labels = crpn_labels(anc, q, not a.predet_crpn_no_low_quality)

@@ -66,6 +66,72 @@ def test_crpn_sampling_is_128_positives_and_128_negatives():
     assert pos.sum() == 128 and neg.sum() == 128 and (labels[pos.bool()] == 1).all()
 
 
+# ---- CRPN anchors: on the view's grid, in the order of the CRPN's scores
+def view_levels(model, h, w):
+    """A [1, 3, h, w] view and its P2-P6 feature maps."""
+    view = torch.zeros(1, 3, h, w)
+    with torch.no_grad():
+        feats = model.backbone(view)
+    return view, [feats[k] for k in ("0", "1", "2", "3", "pool")]
+
+
+def test_crpn_anchors_tile_the_whole_view_at_every_level():
+    model = predet.PreDet(parse("--anchor-scale", "0.5"), num_classes=5)  # sizes 16..256, ratios 0.5, 1, 2
+    h, w = 128, 192  # non-square, so that a swapped axis cannot pass
+    view, levels = view_levels(model, h, w)
+    anchors = model.view_anchors(view, levels)[0]
+    start = 0
+    for level, stride in enumerate((4, 8, 16, 32, 64)):  # P2..P6
+        n = (h // stride) * (w // stride) * 3
+        a = anchors[start:start + n]
+        start += n
+        centres = (a[:, :2] + a[:, 2:]) / 2
+        assert sorted(set(centres[:, 0].tolist())) == [stride * k for k in range(w // stride)], level
+        assert sorted(set(centres[:, 1].tolist())) == [stride * k for k in range(h // stride)], level
+        areas = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])).sqrt()
+        assert torch.allclose(areas, torch.full_like(areas, 16.0 * 2 ** level), rtol=0.02), level
+    assert start == len(anchors)
+
+
+def test_a_query_anywhere_in_the_view_gets_positive_anchors_on_it():
+    model = predet.PreDet(parse(), num_classes=5)
+    view, levels = view_levels(model, 128, 192)
+    anchors = model.view_anchors(view, levels)[0]
+    for query in ([150., 90., 182., 122.], [4., 100., 36., 124.], [100., 8., 164., 72.], [60., 40., 124., 104.]):
+        q = torch.tensor([query])
+        _, labels = predet.crpn_labels(anchors, q, low_quality=False)  # strict IoU > 0.7
+        pos = anchors[labels == 1]
+        assert len(pos) > 0, query
+        centres = (pos[:, :2] + pos[:, 2:]) / 2
+        assert ((centres >= q[:, :2]) & (centres <= q[:, 2:])).all(), (query, pos)
+
+
+def test_crpn_scores_are_ordered_like_the_anchors():
+    """A feature that is non-zero at one place of one level scores exactly the anchors centred there."""
+    torch.manual_seed(0)
+    model = predet.PreDet(parse("--predet-dim", "4"), num_classes=5)
+    crpn = model.crpn
+    with torch.no_grad():  # the 3x3 conv passes channel 0 through, each anchor's D features = channel 0
+        crpn.conv[0][0].weight.zero_()
+        crpn.conv[0][0].weight[0, 0, 1, 1] = 1.0
+        crpn.anchor_cls.weight.zero_()
+        crpn.anchor_cls.weight[:, 0] = 1.0
+        crpn.query_cls.weight.zero_()
+        crpn.query_cls.bias.fill_(1.0)
+    view, levels = view_levels(model, 128, 192)
+    for level, (y, x) in ((0, (27, 41)), (2, (5, 9)), (4, (1, 2))):
+        feats = [torch.zeros_like(f) for f in levels]
+        feats[level][0, 0, y, x] = 1.0
+        with torch.no_grad():
+            scores, _ = crpn(feats, torch.zeros(1, 2, 256 * 7 * 7))  # [1, Q, N]
+        anchors = model.view_anchors(view, feats)[0]
+        hit = anchors[scores[0, 0] != 0]
+        stride = 4 * 2 ** level
+        assert len(hit) == 3, level  # the A = 3 anchors of that place
+        centres = (hit[:, :2] + hit[:, 2:]) / 2
+        assert centres.tolist() == [[x * stride, y * stride]] * 3, level
+
+
 # ---- CROI
 def test_info_nce_matches_the_paper_formula_and_pulls_the_positive_up():
     torch.manual_seed(0)
