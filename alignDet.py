@@ -64,6 +64,11 @@ from common.optim import lr_at, param_groups, scaled_lr
 from common.transforms import PRESETS, to_float_batch, train_augment, train_resize
 
 PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
+# How AlignDet fine-tunes (its official fine-tuning configs; written into model_final.pth, applied by
+# finetune.py --protocol paper). Their FPN has SyncBN, which this repo's FPN (no norm) has no counterpart for.
+FINETUNE_RECIPE = {"bn": "affine", "trainable_layers": 3, "lr_mult": 1.5, "wd_mult": 0.5,
+                   "source": "AlignDet's official fine-tuning configs: BN statistics fixed with trainable affine "
+                             "(norm_eval), stem + res2 frozen, lr x1.5 and weight decay x0.5"}
 
 
 def get_args_parser(add_help=True):
@@ -505,7 +510,8 @@ def main(args):
 
     # export the online detector in the fine-tune key space, without its final class/box layers
     meta = run.finish(checkpoint.final_state(online.detector, drop=() if args.align_keep_heads else FINAL_LAYERS),
-                      {"method": "aligndet", "detector": args.detector, "backbone": args.backbone,
+                      {"method": "aligndet", "finetune_recipe": FINETUNE_RECIPE,
+                       "detector": args.detector, "backbone": args.backbone,
                        "box_head": args.box_head, "backbone_weights": args.backbone_weights,
                        "backbone_meta": backbone_meta(args.backbone_weights), "proposals": proposal_file,
                        "trained": "fpn and heads (backbone frozen)"})

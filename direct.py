@@ -66,6 +66,10 @@ WARMUP_RATIO = 0.01  # warmup starts at 0.01 x lr
 P1X_ITERS = 88_000  # at global batch 64
 SCHEDULES = {"P1x": 1, "P2x": 2, "P3x": 3, "P4x": 4}
 MEAN_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]  # uint8 padding that normalises to ~0
+# How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
+FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
+                   "source": "Direct paper sec. 3.4 and Table 2: BN 'Fixed' (statistics and affine frozen), stem + "
+                             "res2 frozen (the official configs), the 1x lr and schedule"}
 
 
 def get_args_parser(add_help=True):
@@ -285,7 +289,8 @@ def main(args):
         run.step(losses)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp),
-                      {"method": "direct", "detector": args.detector, "backbone": args.backbone,
+                      {"method": "direct", "finetune_recipe": FINETUNE_RECIPE,
+                       "detector": args.detector, "backbone": args.backbone,
                        "box_head": args.box_head, "num_classes": train_set.num_classes, "bn": args.bn,
                        "schedule": length, "total_iters": total, "input_size": args.direct_size,
                        "global_batch": global_batch, "lr": base_lr, "trained": "all"})

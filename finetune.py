@@ -9,10 +9,18 @@ to ``--output-dir`` (default runs/finetune/<detector>_<backbone>_<init>).
 Defaults are the 1x recipe on 8 GPUs x 2 images: SGD momentum 0.9, weight decay 1e-4, lr 0.02 for the
 R-CNNs and 0.01 for RetinaNet/FCOS at global batch 16, scaled linearly to other batches
 (lr = 0.02 / 16 * NGPU * batch-size), 500-iteration linear warmup, 12 epochs with lr x0.1 after epochs 8
-and 11, single-scale 1333x800 with flip, 4conv1fc box head, frozen BN and frozen stem + res2.
-Per-init defaults (printed at start-up): scratch trains every stage with plain BN (SyncBN on
-several GPUs); AlignDet checkpoints use lr x1.5 and weight decay x0.5 (the official AlignDet protocol);
-Direct and Montage checkpoints keep the frozen BN, loaded from their pre-trained statistics.
+and 11, single-scale 1333x800 with flip, 4conv1fc box head.
+
+What is trained, and how, follows the fine-tuning recipe of the paper behind --init (--protocol paper, the
+default), which every pre-training script writes into its model_final.pth: Direct (Table 2, 'Fixed') and
+Montage (sec. 4.5) freeze BN at the pre-trained statistics and the stem + res2; PreDet (sec. 4.2) freezes
+nothing and trains BN, with the mask head at 4x the lr and short sides {640..800}; AlignDet (official
+configs) keeps the BN statistics fixed but trains its affine parameters, at lr x1.5 and weight decay x0.5.
+ImageNet weights get the standard recipe (frozen BN, frozen stem + res2), a random network (scratch)
+trains every stage with plain BN (SyncBN on several GPUs). --protocol common gives every pre-trained init
+the standard recipe instead, for a comparison in which only the weights differ. A flag given on the
+command line (--bn, --trainable-layers, --preset, --lr, --weight-decay, --mask-head-lr-mult) always wins;
+the start-up lines say, for each setting, what was applied and where it came from.
 
     python finetune.py --init scratch                                   # synthetic set, CPU or 1 GPU
     torchrun --nproc_per_node=8 finetune.py --data-path /data/coco --init runs/direct/<run>/model_final.pth
@@ -30,7 +38,7 @@ from common.detectors import add_detector_args, build_detector_from_args, check_
 from common.coco_eval import evaluate
 from common.engine import Run, prepare_output_dir, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import lr_at, param_groups
 from common.transforms import PRESETS, eval_resize, to_float_batch, train_augment, train_resize
 
 PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
@@ -40,23 +48,31 @@ SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}  # epochs, lr steps (epo
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fine-tune a detector from any pre-training and evaluate it",
                                      parents=[cli.base_parser()], add_help=add_help)
-    add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn=None)
+    add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn=None, trainable_layers=None)
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--init", default="imagenet", help="scratch | imagenet | PATH to a model_final.pth")
     g.add_argument("--init-partial", action="store_true",
                    help="load the keys of --init that fit this model and leave the rest fresh")
+    g.add_argument("--protocol", default="paper", choices=["paper", "common"],
+                   help="paper: the fine-tuning recipe of --init's paper (from its meta); common: the standard "
+                        "recipe for every pre-trained init (frozen BN, stem + res2 frozen, lr x1)")
     g.add_argument("--batch-size", type=int, default=2, help="images per GPU (global batch = NGPU x this)")
-    g.add_argument("--lr", type=float, default=None,
-                   help="base lr (default: 0.02 R-CNN / 0.01 RetinaNet, FCOS at global batch 16, scaled)")
+    g.add_argument("--base-lr", type=float, default=None,
+                   help="the 1x lr of this run before the recipe's multiplier (default: 0.02 R-CNN / 0.01 "
+                        "RetinaNet, FCOS at global batch 16, scaled linearly)")
+    g.add_argument("--lr", type=float, default=None, help="the lr itself: replaces --base-lr x the recipe's multiplier")
+    g.add_argument("--mask-head-lr-mult", type=float, default=None,
+                   help="Mask R-CNN mask head lr multiplier (default: the recipe's; PreDet: 4)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4")
+    g.add_argument("--weight-decay", type=float, default=None, help="default 1e-4 x the recipe's multiplier")
     g.add_argument("--schedule", default="1x", choices=sorted(SCHEDULES), help="1x = 12 epochs, 2x = 24")
     g.add_argument("--epochs", type=int, default=None, help="override the schedule's epochs")
     g.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs after which lr x0.1")
     g.add_argument("--iters", type=int, default=None,
                    help="train this many iterations instead of epochs; lr steps at 8/12 and 11/12 of them")
     g.add_argument("--warmup-iters", type=int, default=500)
-    g.add_argument("--preset", default="800", choices=sorted(PRESETS), help="image-size preset (transforms.py)")
+    g.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="image-size preset (transforms.py; default: the recipe's, 800 = single-scale 1333x800)")
     g.add_argument("--keep-empty-images", action="store_true", help="train on images without boxes too")
     g.add_argument("--eval-only", action="store_true", help="evaluate --init or --resume, no training")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: at the end only)")
@@ -67,29 +83,66 @@ def get_args_parser(add_help=True):
     return parser
 
 
-def resolve_init(args, device):
-    """Reads the meta of --init and fills the per-init defaults (printed)."""
+# Recipes without a paper behind them (a pre-training script writes its paper's into its checkpoint):
+# the standard 1x recipe of torchvision's detection references and detectron2 for pre-trained weights, and
+# every stage with plain BN for a random network (nothing to keep frozen in it).
+STANDARD_RECIPE = {"bn": "frozen", "trainable_layers": 3, "lr_mult": 1.0, "wd_mult": 1.0,
+                   "mask_head_lr_mult": 1.0, "preset": "800",
+                   "source": "the standard 1x recipe: BN frozen at the pre-trained statistics, stem + res2 frozen"}
+SCRATCH_RECIPE = dict(STANDARD_RECIPE, bn="train", trainable_layers=5,
+                      source="a random network: every stage trains, BN in train mode")
+
+
+def resolve_recipe(args, device):
+    """Reads the meta of --init and settles every fine-tuning setting: a flag given on the command line,
+    else the recipe (--protocol), each printed with where it came from. Returns (meta, method, recipe, lr)."""
     meta = {}
     if args.init not in ("scratch", "imagenet"):
         meta = checkpoint.load(args.init, kind="final")["meta"]
     method = meta.get("method", args.init if args.init in ("scratch", "imagenet") else "checkpoint")
-    lr_mult, wd_mult = (1.5, 0.5) if method == "aligndet" else (1.0, 1.0)
-    if args.bn is None:
-        multi_gpu = dist.get_world_size() > 1 and device.type == "cuda"
-        args.bn = ("syncbn" if multi_gpu else "bn") if method == "scratch" else "frozen"
-    if method == "scratch" and args.trainable_layers == 3:
-        args.trainable_layers = 5  # nothing to keep frozen in a random network
-    args.weight_decay = args.weight_decay if args.weight_decay is not None else 1e-4 * wd_mult
-    print(f"init: {args.init} (method {method}): bn={args.bn}, trainable layers={args.trainable_layers}, "
-          f"lr x{lr_mult}, weight decay {args.weight_decay:g}")
-    return meta, method, lr_mult
+    if method == "scratch":
+        recipe = SCRATCH_RECIPE
+    elif args.protocol == "paper" and "finetune_recipe" in meta:
+        recipe = dict(STANDARD_RECIPE, **meta["finetune_recipe"])
+    else:
+        why = "--protocol common" if args.protocol == "common" else \
+            "ImageNet weights" if method == "imagenet" else "no recipe in the checkpoint's meta"
+        recipe = dict(STANDARD_RECIPE, source=f"{STANDARD_RECIPE['source']} ({why})")
+    print(f"fine-tuning recipe for {args.init} (method {method}, --protocol {args.protocol}): {recipe['source']}")
+
+    def setting(flag, value):
+        given = getattr(args, flag) is not None
+        applied = getattr(args, flag) if given else value
+        print(f"  --{flag.replace('_', '-')} {applied:{'g' if isinstance(applied, float) else ''}}: "
+              + (f"given on the command line (the recipe's: {value})" if given else "the recipe's"))
+        return applied
+
+    multi_gpu = dist.get_world_size() > 1 and device.type == "cuda"
+    trained_bn = "syncbn" if multi_gpu else "bn"
+    args.bn = setting("bn", trained_bn if recipe["bn"] == "train" else recipe["bn"])
+    args.trainable_layers = setting("trainable_layers", recipe["trainable_layers"])
+    args.preset = setting("preset", recipe["preset"])
+    args.weight_decay = setting("weight_decay", 1e-4 * recipe["wd_mult"])
+    if args.detector == "maskrcnn":
+        args.mask_head_lr_mult = setting("mask_head_lr_mult", recipe["mask_head_lr_mult"])
+    if args.lr is not None:
+        print(f"  --lr {args.lr:g}: given on the command line (the recipe's multiplier x{recipe['lr_mult']:g} "
+              "not applied)")
+        return meta, method, recipe, args.lr
+    global_batch = args.batch_size * dist.get_world_size()
+    base = args.base_lr if args.base_lr is not None else PAPER_LR[args.detector] * global_batch / 16
+    print(f"  --lr {base * recipe['lr_mult']:g}: {base:g} ("
+          + ("--base-lr" if args.base_lr is not None else
+             f"the 1x lr: {PAPER_LR[args.detector]:g} at global batch 16, scaled to {global_batch}")
+          + f") x the recipe's multiplier {recipe['lr_mult']:g}")
+    return meta, method, recipe, base * recipe["lr_mult"]
 
 
 def main(args):
     device = dist.init_distributed(args.device, args.dist_timeout)
     cli.check_args(args)
-    init_meta, method, lr_mult = resolve_init(args, device)
     check_detector_args(args, device)
+    init_meta, method, recipe, base_lr = resolve_recipe(args, device)
     dist.seed_everything(args.seed)
     data = resolve_data(args)
     init_name = args.init if method in ("scratch", "imagenet") else \
@@ -123,11 +176,12 @@ def main(args):
     if dist.get_world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
-    # optimisation: the 1x recipe, lr scaled linearly from global batch 16
+    # optimisation: the 1x schedule, at the recipe's lr (resolve_recipe)
     global_batch = args.batch_size * dist.get_world_size()
-    base_lr = args.lr or scaled_lr(PAPER_LR[args.detector] * lr_mult, 16, global_batch)
-    optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay), lr=base_lr,
-                                momentum=args.momentum)
+    mask_head = {"roi_heads.mask_head.": args.mask_head_lr_mult, "roi_heads.mask_predictor.": args.mask_head_lr_mult}
+    optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay,
+                                             lr_mults=mask_head if args.detector == "maskrcnn" else None),
+                                lr=base_lr, momentum=args.momentum)
     iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
     epochs, steps = SCHEDULES[args.schedule]
     epochs, steps = args.epochs or epochs, args.lr_steps or steps
@@ -164,8 +218,12 @@ def main(args):
     meta = run.finish(checkpoint.final_state(model_without_ddp),
                       {"method": "finetune", "detector": args.detector, "backbone": args.backbone,
                        "box_head": args.box_head, "num_classes": train_set.num_classes, "init": args.init,
+                       "recipe": {"protocol": args.protocol, "source": recipe["source"], "bn": args.bn,
+                                  "trainable_layers": args.trainable_layers, "lr": base_lr,
+                                  "weight_decay": args.weight_decay, "preset": args.preset,
+                                  "mask_head_lr_mult": args.mask_head_lr_mult},
                        "schedule": f"{total} it" if args.iters else f"{epochs} ep" if args.epochs else args.schedule,
-                       "trained": "all"})
+                       "trained": "all" if args.trainable_layers == 5 else "all but the frozen ResNet stages"})
     if args.no_eval:
         return
     stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)

@@ -68,6 +68,10 @@ S, T, W = 0, 1, 2  # aspect groups
 INDEX_DTYPE = np.dtype([("offset", "i8"), ("height", "i4"), ("width", "i4"), ("label", "i4"), ("group", "i1"),
                         ("image", "i4"), ("box", "f4", (4,))])  # box: the crop in image pixels, x0 y0 x1 y1
 CACHE_VERSION = 2  # bump when extraction changes: older caches are then left unused
+# How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
+FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
+                   "source": "Montage paper sec. 4.5: BN frozen when transferring; frozen stages and lr not stated: "
+                             "the standard 1x recipe's (stem + res2 frozen, lr x1)"}
 
 
 def get_args_parser(add_help=True):
@@ -527,7 +531,8 @@ def main(args):
         run.step({"loss_cls": loss})
 
     meta = run.finish(checkpoint.final_state(model_without_ddp, keep=("backbone",)),
-                      {"method": "montage", "backbone": args.backbone, "num_classes": montages.num_classes,
+                      {"method": "montage", "finetune_recipe": FINETUNE_RECIPE,
+                       "backbone": args.backbone, "num_classes": montages.num_classes,
                        "trained": "backbone", "montages_seen": run.iteration * global_batch,
                        "montage_loss": args.montage_loss, "template": [args.montage_size, args.montage_split],
                        "erf_seconds": round(erf.seconds, 2)})

@@ -82,6 +82,11 @@ from common.transforms import normalize
 
 SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the CPU demo's
 EXPORT = (("backbone.", "backbone."), ("crpn.conv.", "rpn.head.conv."), ("croi.box_head.", "roi_heads.box_head."))
+# How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
+FINETUNE_RECIPE = {"bn": "train", "trainable_layers": 5, "mask_head_lr_mult": 4.0, "preset": "multiscale",
+                   "source": "PreDet paper sec. 4.2: no layer frozen (BN trains, SyncBN on several GPUs), mask head "
+                             "lr x4, short sides {640..800} with flip (its random crop, of unstated size, is not "
+                             "applied); lr and decay grid-searched, values not stated: the 1x recipe's"}
 
 
 def get_args_parser(add_help=True):
@@ -587,7 +592,8 @@ def main(args):
         run.step(losses)
 
     state = export_state(model_without_ddp)
-    run.finish(state, {"method": "predet", "detector": "fasterrcnn", "backbone": args.backbone,
+    run.finish(state, {"method": "predet", "finetune_recipe": FINETUNE_RECIPE,
+                       "detector": "fasterrcnn", "backbone": args.backbone,
                        "box_head": args.box_head, "num_classes": train_set.num_classes,
                        "losses": [k for k in ("cls", "crpn", "croi", "croi_reg") if getattr(args, f"use_{k}")],
                        "trained": "backbone, fpn" + ", rpn conv" * args.use_crpn + ", box_head" * args.use_croi})

@@ -85,7 +85,7 @@ def check_detector_args(args, device):
         raise UserError(f"--detector {args.detector}: unknown detector (expected one of {', '.join(DETECTORS)})")
     if args.backbone not in BACKBONES:
         raise UserError(f"--backbone {args.backbone}: unknown backbone (expected one of {', '.join(BACKBONES)})")
-    if not 0 <= args.trainable_layers <= 5:
+    if args.trainable_layers is not None and not 0 <= args.trainable_layers <= 5:  # None: set by a recipe
         raise UserError(f"--trainable-layers {args.trainable_layers}: expected 0..5")
     if args.bn == "syncbn" and (dist.get_world_size() == 1 or device.type != "cuda"):
         raise UserError("--bn syncbn needs several GPU processes (torchrun --nproc_per_node>1 on CUDA); "

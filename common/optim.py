@@ -33,16 +33,19 @@ def scaled_lr(paper_lr, paper_batch, global_batch, what="lr"):
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(model, weight_decay, norm_weight_decay=None):
-    """Two SGD groups: norm-layer parameters (weight decay ``norm_weight_decay``, default = weight_decay)
-    and all other trainable parameters (``weight_decay``). Frozen parameters are left out."""
-    norm, other = [], []
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
+def param_groups(model, weight_decay, norm_weight_decay=None, lr_mults=None):
+    """SGD parameter groups: norm-layer parameters get ``norm_weight_decay`` (default = weight_decay), all
+    other trainable parameters ``weight_decay``; a parameter whose name starts with a prefix of ``lr_mults``
+    ({prefix: m}) trains at m x the lr (its group's 'lr_mult', read by ``Run.set_lr``). Frozen parameters
+    are left out. Groups come in a fixed order (other before norm, then by multiplier), so that an
+    optimizer's state dict fits the same model again."""
+    groups = {}
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
             if p.requires_grad:
-                (norm if isinstance(module, NORM_TYPES) else other).append(p)
-    groups = [{"params": other, "weight_decay": weight_decay}]
-    if norm:
-        groups.append({"params": norm, "weight_decay": weight_decay if norm_weight_decay is None
-                       else norm_weight_decay})
-    return groups
+                full = f"{module_name}.{name}" if module_name else name
+                mult = next((m for prefix, m in (lr_mults or {}).items() if full.startswith(prefix)), 1.0)
+                groups.setdefault((isinstance(module, NORM_TYPES), mult), []).append(p)
+    decay = {False: weight_decay, True: weight_decay if norm_weight_decay is None else norm_weight_decay}
+    return [{"params": params, "weight_decay": decay[norm], "lr_mult": mult}
+            for (norm, mult), params in sorted(groups.items())]

@@ -1,6 +1,7 @@
 """alignDet.py: the contrastive loss against a hand-computed InfoNCE, the EMA update, views that keep box
 ids, FCOS assignment and sampling on known inputs, and end to end: frozen backbone, exact resume,
 finetune.py --init loading the pre-trained parts (Faster R-CNN; RetinaNet and FCOS), one-line errors."""
+import json
 import os
 import re
 import shutil
@@ -190,7 +191,12 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     for part_name in ("backbone", "fpn", "rpn", "box_head"):
         assert report[part_name]["loaded"] > 0 and report[part_name]["missing"] == 0, report
     assert report["box_predictor"]["loaded"] == 0 and report["box_predictor"]["missing"] == 4
-    assert "method aligndet" in proc.stdout and "lr x1.5" in proc.stdout
+    # AlignDet's fine-tuning recipe: BN affine, stem + res2 frozen, lr x1.5 (of 0.02 x 2 / 16) and weight decay x0.5
+    for line in ("--bn affine: the recipe's", "--trainable-layers 3: the recipe's", "--weight-decay 5e-05: the recipe's",
+                 "--lr 0.00375: 0.0025 (the 1x lr: 0.02 at global batch 16, scaled to 2) x the recipe's multiplier 1.5"):
+        assert line in proc.stdout, (line, proc.stdout)
+    recipe = json.load(open(tmp_path / "ft" / "results.json"))["finetune"]["recipe"]
+    assert recipe["lr"] == pytest.approx(0.00375) and recipe["weight_decay"] == pytest.approx(5e-5)
 
 
 @pytest.mark.parametrize("detector, trained, dropped", [

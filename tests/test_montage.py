@@ -243,7 +243,7 @@ def test_pretrained_backbone_loads_into_finetune(shapes, tmp_path):
     loaded, missing, mismatch, unexpected, _ = report["backbone"]
     assert loaded > 0 and missing == mismatch == unexpected == 0, proc.stdout
     assert report["fpn"][0] == 0 and report["rpn"][0] == 0 and report["box_head"][0] == 0  # fresh
-    assert "bn=frozen" in proc.stdout  # Montage backbones fine-tune with frozen BN
+    assert "--bn frozen: the recipe's" in proc.stdout  # Montage backbones fine-tune with frozen BN (sec. 4.5)
 
 
 def test_two_process_gloo_run(shapes, tmp_path):

@@ -232,6 +232,9 @@ def test_resume_is_exact_and_finetune_loads_the_pretrained_parts(shapes, tmp_pat
     assert report["box_predictor"][:2] == [0, 4]
     ft = json.load(open(tmp_path / "ft" / "results.json"))
     assert ft["init_method"] == "predet" and "AP" in ft["bbox"]
+    # PreDet sec. 4.2: fine-tuned without freezing any layer, BN trains
+    assert "--bn bn: the recipe's" in proc.stdout and "--trainable-layers 5: the recipe's" in proc.stdout
+    assert (ft["finetune"]["recipe"]["bn"], ft["finetune"]["recipe"]["trainable_layers"]) == ("bn", 5)
 
     # Fig. 5b analysis works on any checkpoint of the repo, here the fine-tuned one
     out = tmp_path / "sim"
