@@ -85,7 +85,8 @@ def user_message(exc):
 
 
 def run(main, parser, argv=None):
-    """Parses argv and runs main(args); user errors become one line on stderr and exit status 2."""
+    """Parses argv and runs main(args); user errors become one line on stderr and exit status 2. Every
+    reason a run ends early, a crash included (its traceback is still printed), is left in error.txt."""
     args = parser.parse_args(argv)
     try:
         main(args)
@@ -93,11 +94,15 @@ def run(main, parser, argv=None):
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         record_error(args, user_message(e), skipped=isinstance(e, Unavailable))
         sys.exit(2)
+    except Exception as e:
+        record_error(args, f"{type(e).__name__}: {user_message(e)} (a crash: see its traceback)")
+        raise
 
 
 def record_error(args, message, skipped=False):
     """Leaves the reason a run stopped in <output-dir>/error.txt, where the results table reads it."""
     out = getattr(args, "output_dir", None)
-    if out and os.path.isdir(out) and os.environ.get("RANK", "0") == "0":
+    if out and os.environ.get("RANK", "0") == "0":
+        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "error.txt"), "w") as f:
             f.write(("skipped: " if skipped else "") + message + "\n")

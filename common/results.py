@@ -8,13 +8,14 @@ results.json (COCO stats, the fine-tune's compute and the meta of the checkpoint
 pre-training compute is the checkpoint's device-hours plus those of the checkpoints it started from
 (e.g. AlignDet's backbone). Runs that differ only in --seed form one row, shown as mean ± std. A run
 without results.json appears as failed (its error.txt) or incomplete (its last logged iteration), and an
-``--expect``-ed run directory that does not exist as missing: never as zeros.
+``--expect``-ed fine-tune that never ran says why (its own error, or its pre-training's): never zeros.
 """
 import argparse
 import csv
 import json
 import math
 import os
+import re
 import statistics
 import sys
 
@@ -72,15 +73,37 @@ def read_run(run_dir):
     known = init in ("scratch", "imagenet")
     row.update(method=init if known else os.path.basename(os.path.dirname(os.path.abspath(init))),
                **{"pre-train": _pretrain_schedule(init, {}) if known else "?", "fine-tune": "?"})
+    row["status"] = stage_status(run_dir)
+    return row
+
+
+def stage_status(run_dir):
+    """Why a run has no results: 'skipped: ...' or 'failed: ...' (its error.txt), else how far it got."""
     error = os.path.join(run_dir, "error.txt")
     if os.path.exists(error):
         with open(error) as f:
             reason = f.read().strip()
-        row["status"] = reason if reason.startswith("skipped: ") else "failed: " + reason
-    else:
-        last = _last_iteration(os.path.join(run_dir, "log.txt"))
-        row["status"] = f"incomplete: stopped after iteration {last}" if last else "incomplete: no iteration logged"
-    return row
+        return reason if reason.startswith("skipped: ") else "failed: " + reason
+    last = _last_iteration(os.path.join(run_dir, "log.txt"))
+    return f"incomplete: stopped after iteration {last}" if last else "incomplete: no iteration logged"
+
+
+def missing_row(runs_dir, name):
+    """The row of an expected fine-tune that left no finetune.py run: what became of it, or of the
+    pre-training it needed (the Makefile's names: ft-<row>-s<seed> starts from <row>-s<seed>/ or <row>/)."""
+    match = re.fullmatch(r"ft-(.+)-s(\d+)", name)
+    row = {"run": name, "method": match[1] if match else name}
+    if os.path.isdir(os.path.join(runs_dir, name)):  # it stopped before writing args.json
+        return dict(row, status=stage_status(os.path.join(runs_dir, name)))
+    stages = [f"{match[1]}-s{match[2]}", match[1]] if match else []
+    stage = next((s for s in stages if os.path.isdir(os.path.join(runs_dir, s))), None)
+    if stage is None:
+        return dict(row, status="not run: neither it nor a pre-training stage of that name started (an "
+                                "earlier stage failed? see make's output)")
+    if os.path.exists(os.path.join(runs_dir, stage, "model_final.pth")):
+        return dict(row, status=f"not run: its pre-training {stage} finished, the fine-tune never started")
+    return dict(row, status=f"not run: its pre-training {stage} did not finish: "
+                            f"{stage_status(os.path.join(runs_dir, stage))}")
 
 
 def _last_iteration(log_path):
@@ -186,8 +209,7 @@ def write_results(runs_dir, expect=(), out_dir=None):
     out_dir = out_dir or runs_dir
     rows = [read_run(d) for d in find_runs(runs_dir)]
     present = {r["run"] for r in rows}
-    rows += [{"run": name, "method": name, "status": "missing: the run was not started (an earlier stage "
-              "failed?)"} for name in expect if name not in present]
+    rows += [missing_row(runs_dir, name) for name in expect if name not in present]
     table = aggregate(rows)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.md"), "w") as f:

@@ -128,22 +128,33 @@ def write_split(out_dir, split, num_images, seed):
 
 
 def generate(out_dir, num_train=512, num_val=128, seed=0):
-    """Writes the whole dataset into a temporary directory, then renames it: never half-written."""
+    """Writes the whole dataset into a temporary directory, then renames it: never half-written. When
+    another process finished the same set first (two stages of ``make -j`` starting at once), its
+    complete copy is kept and this one is dropped."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".shapes-", dir=parent)
     try:
         write_split(tmp, "train", num_train, seed)
         write_split(tmp, "val", num_val, seed + 1)
-        os.replace(tmp, out_dir)
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:
+            if not is_complete(out_dir):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
+def is_complete(out_dir):
+    """The validation annotations are the last file ``generate`` writes."""
+    return os.path.exists(os.path.join(out_dir, "annotations", "instances_val.json"))
+
+
 def ensure(out_dir, **kwargs):
     """Generates the dataset at ``out_dir`` unless it is already complete there."""
-    if not os.path.exists(os.path.join(out_dir, "annotations", "instances_val.json")):
+    if not is_complete(out_dir):
         generate(out_dir, **kwargs)
     return out_dir
 

@@ -1,10 +1,11 @@
 """The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report."""
+import argparse
 import os
 
 import pytest
 import torch
 
-from common import checkpoint
+from common import checkpoint, cli
 from common.cli import UserError
 from common.detectors import build_detector
 
@@ -114,3 +115,17 @@ def test_partial_and_mismatched_checkpoints(tmp_path, capsys):
     checkpoint.save({"kind": "final", "model": {"foo.weight": torch.zeros(1)}, "meta": {}}, nothing)
     with pytest.raises(UserError, match="no key of the checkpoint matches this model"):
         checkpoint.load_pretrained(tiny(), nothing)
+
+
+def test_a_crash_is_left_in_error_txt_with_its_traceback_still_raised(tmp_path):
+    """Not only user errors: whatever ends a run early is recorded where the results table reads it."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir")
+    out = tmp_path / "run"
+
+    def crash(args):
+        raise OSError("[Errno 39] Directory not empty: 'data/.shapes-x' -> 'data/shapes'")
+    with pytest.raises(OSError):
+        cli.run(crash, parser, ["--output-dir", str(out)])
+    assert (out / "error.txt").read_text() == ("OSError: [Errno 39] Directory not empty: 'data/.shapes-x' -> "
+                                               "'data/shapes' (a crash: see its traceback)\n")

@@ -10,6 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2 import functional as F
 
+from common import synthetic
 from common.cli import UserError
 from common.coco import BadImageError, CocoDetection, decode_masks, load_coco_json
 
@@ -159,3 +160,19 @@ def test_masks_are_rasterised_at_the_requested_size():
     rle = mask_utils.encode(np.asfortranarray(full[0].numpy()))
     assert torch.equal(decode_masks([rle], 60, 80, [30, 40]), F.resize_mask(full, [30, 40]))
     assert decode_masks([], 60, 80, [30, 40]).shape == (0, 30, 40)
+
+
+def test_synthetic_set_generated_twice_at_once_keeps_the_first_complete_copy(tmp_path):
+    """Two `make -j` stages may generate the set together: the one that loses the rename keeps the
+    winner's complete copy (and leaves no temporary folder); a half-written folder is never taken."""
+    out = tmp_path / "shapes"
+    synthetic.generate(str(out), num_train=2, num_val=1, seed=0)
+    first = (out / "annotations" / "instances_train.json").read_bytes()
+    synthetic.generate(str(out), num_train=3, num_val=1, seed=1)  # the loser: its rename fails
+    assert (out / "annotations" / "instances_train.json").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shapes"]
+    broken = tmp_path / "broken"
+    (broken / "train").mkdir(parents=True)
+    (broken / "train" / "x.jpg").write_bytes(b"")
+    with pytest.raises(OSError):
+        synthetic.generate(str(broken), num_train=1, num_val=1)

@@ -53,6 +53,10 @@ def test_table_csv_and_plot(tmp_path):
     with open(os.path.join(root, "direct-p1x", "args.json"), "w") as f:
         json.dump({"script": "direct.py"}, f)
 
+    os.makedirs(os.path.join(root, "montage"))  # a pre-training that crashed: its fine-tune never started
+    with open(os.path.join(root, "montage", "error.txt"), "w") as f:
+        f.write("OSError: disk full (a crash: see its traceback)\n")
+
     rows = write_results(root, expect=["ft-scratch-s0", "ft-montage-s0"])
 
     with open(os.path.join(root, "results.md")) as f:
@@ -72,7 +76,8 @@ def test_table_csv_and_plot(tmp_path):
                                 "| — | — | — | n/a | — | — | n/a | 1 | skipped: ImageNet weights unavailable offline |")
     assert body["direct-p3x"].endswith("| failed: runs/x.jpg: cannot read image |")
     assert body["predet"].endswith("incomplete: stopped after iteration 7 |")
-    assert body["ft-montage-s0"].endswith("missing: the run was not started (an earlier stage failed?) |")
+    assert body["montage"].endswith("| not run: its pre-training montage did not finish: failed: OSError: disk "
+                                     "full (a crash: see its traceback) |")
     assert len(rows) == 7
 
     with open(os.path.join(root, "results.csv")) as f:
@@ -85,3 +90,23 @@ def test_table_csv_and_plot(tmp_path):
     with Image.open(os.path.join(root, "results.png")) as png:
         png.verify()
         assert png.format == "PNG" and png.size[0] > 300
+
+
+def test_expected_runs_that_left_no_run_say_why(tmp_path):
+    root = str(tmp_path / "runs")
+    os.makedirs(os.path.join(root, "ft-imagenet-s0"))  # crashed before writing args.json: only error.txt
+    with open(os.path.join(root, "ft-imagenet-s0", "error.txt"), "w") as f:
+        f.write("OSError: [Errno 39] Directory not empty (a crash: see its traceback)\n")
+    os.makedirs(os.path.join(root, "predet"))  # a pre-training stopped by a signal
+    with open(os.path.join(root, "predet", "log.txt"), "w") as f:
+        f.write(json.dumps({"iteration": 4}) + "\n")
+    os.makedirs(os.path.join(root, "direct-p1x-s1"))  # finished, but its fine-tune was never started
+    open(os.path.join(root, "direct-p1x-s1", "model_final.pth"), "w").close()
+    rows = write_results(root, expect=["ft-imagenet-s0", "ft-predet-s0", "ft-direct-p1x-s1", "ft-aligndet-s0"])
+    status = {r["method"]: r["status"] for r in rows}
+    assert status == {
+        "imagenet": "failed: OSError: [Errno 39] Directory not empty (a crash: see its traceback)",
+        "predet": "not run: its pre-training predet did not finish: incomplete: stopped after iteration 4",
+        "direct-p1x": "not run: its pre-training direct-p1x-s1 finished, the fine-tune never started",
+        "aligndet": "not run: neither it nor a pre-training stage of that name started (an earlier stage failed? "
+                    "see make's output)"}
