@@ -1,14 +1,17 @@
 """The comparison table: every fine-tuning run of a runs directory -> results.md, results.csv, results.png.
 
     python -m common.results runs/demo                  # any directory holding finetune.py run directories
-    python -m common.results runs/compare --expect ft-scratch-s0 ft-direct-p1x-s0 ...
+    python -m common.results runs/compare --expect ft-scratch-s0 ft-direct-p1x-s0 ... --claim "direct-p1x > scratch"
 
 A fine-tuning run is a directory whose args.json was written by finetune.py. Its row comes from its
 results.json (COCO stats, the fine-tune's compute and the meta of the checkpoint it started from); the
 pre-training compute is the checkpoint's device-hours plus those of the checkpoints it started from
-(e.g. AlignDet's backbone). Runs that differ only in --seed form one row, shown as mean ± std. A run
+(e.g. AlignDet's backbone). Runs of one row (the Makefile's ft-<row>-s<seed> directories; any other
+directory is a row of its own) form one line: mean ± sample std over the seeds, each seed's AP listed. A run
 without results.json appears as failed (its error.txt) or incomplete (its last logged iteration), and an
 ``--expect``-ed fine-tune that never ran says why (its own error, or its pre-training's): never zeros.
+A ``--claim "A > B"`` holds when row A's mean box AP exceeds row B's by more than their combined standard
+deviation, sqrt(std_A^2 + std_B^2); with one seed there is no spread, and the claim is left undecided.
 """
 import argparse
 import csv
@@ -20,8 +23,9 @@ import statistics
 import sys
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-COLUMNS = ("method", "detector", "backbone", "pre-train", "fine-tune", *AP_COLUMNS, "mask AP",
-           "pre-train h", "fine-tune h", "total h", "device", "seeds", "status")
+COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",
+           "AP by seed", "pre-train h", "fine-tune h", "total h", "device", "seeds", "status")
+NUMERIC = (*AP_COLUMNS, "mask AP", "pre-train h", "fine-tune h", "total h")
 
 
 def _read_json(path):
@@ -51,18 +55,34 @@ def _pretrain_schedule(init, pretrain):
     return str(pretrain.get("schedule") or f"{pretrain.get('iterations', '?')} it")
 
 
+def row_name(run_name):
+    """ft-<row>-s<seed> -> <row>; any other run directory is a row of its own."""
+    match = re.fullmatch(r"ft-(.+)-s\d+", run_name)
+    return match[1] if match else run_name
+
+
+def _recipe(recipe):
+    """What the fine-tune applied (finetune.py's meta), in a few words."""
+    if not recipe:
+        return "?"
+    return (f"{recipe['protocol']}: {recipe['bn']} BN, {5 - recipe['trainable_layers']} stages frozen, "
+            f"lr {recipe['lr']:.3g}, wd {recipe['weight_decay']:.2g}")
+
+
 def read_run(run_dir):
     """One fine-tuning run -> a dict of its row's fields (numbers as floats, None where unknown)."""
     args = _read_json(os.path.join(run_dir, "args.json"))
     name = os.path.basename(os.path.normpath(run_dir))
     results_path = os.path.join(run_dir, "results.json")
-    row = {"run": name, "detector": args.get("detector"), "backbone": args.get("backbone"), "seed": args.get("seed")}
+    row = {"run": name, "row": row_name(name), "detector": args.get("detector"), "backbone": args.get("backbone"),
+           "seed": args.get("seed")}
     if os.path.exists(results_path) and not _read_json(results_path).get("eval_only"):
         res = _read_json(results_path)
         pre, ft = res.get("pretrain") or {}, res["finetune"]
         pre_h = pretrain_hours(pre) if args["init"] != "scratch" else 0.0
         row.update(method=_method(args["init"], pre), status="done",
                    **{"pre-train": _pretrain_schedule(args["init"], pre), "fine-tune": str(ft.get("schedule")),
+                      "recipe": _recipe(ft.get("recipe")),
                       "pre-train h": pre_h, "fine-tune h": ft["device_hours"],
                       "total h": None if pre_h is None else pre_h + ft["device_hours"],
                       "device": ft.get("device_type")},
@@ -92,7 +112,7 @@ def missing_row(runs_dir, name):
     """The row of an expected fine-tune that left no finetune.py run: what became of it, or of the
     pre-training it needed (the Makefile's names: ft-<row>-s<seed> starts from <row>-s<seed>/ or <row>/)."""
     match = re.fullmatch(r"ft-(.+)-s(\d+)", name)
-    row = {"run": name, "method": match[1] if match else name}
+    row = {"run": name, "row": row_name(name), "method": match[1] if match else name}
     if os.path.isdir(os.path.join(runs_dir, name)):  # it stopped before writing args.json
         return dict(row, status=stage_status(os.path.join(runs_dir, name)))
     stages = [f"{match[1]}-s{match[2]}", match[1]] if match else []
@@ -139,22 +159,49 @@ def _mean_std(values):
 
 
 def aggregate(rows):
-    """Rows that differ only by seed -> one row with mean and std per numeric column."""
-    key_fields = ("method", "detector", "backbone", "pre-train", "fine-tune", "status")
+    """The runs of one row (done) -> one line: mean and std of each number, the seeds, AP by seed. A run
+    that is not done stays a line of its own."""
     groups = {}
     for r in rows:
-        key = tuple(r.get(k) if k != "status" or r["status"] == "done" else r["run"] for k in key_fields)
-        groups.setdefault(key, []).append(r)
+        groups.setdefault((r["row"], r["run"] if r["status"] != "done" else "done"), []).append(r)
     out = []
     for members in groups.values():
+        members.sort(key=lambda m: (m.get("seed") is None, m.get("seed")))
         first = members[0]
-        row = {k: first.get(k) for k in ("method", "detector", "backbone", "pre-train", "fine-tune", "device",
-                                         "status")}
-        row["seeds"] = len(members)
-        for k in (*AP_COLUMNS, "mask AP", "pre-train h", "fine-tune h", "total h"):
+        row = {k: first.get(k) for k in COLUMNS if k not in NUMERIC}
+        row["seeds"] = ",".join(str(m["seed"]) for m in members if m.get("seed") is not None) or "n/a"
+        row["AP by seed"] = " ".join(f"{m['AP']:.3f}" for m in members if m.get("AP") is not None) or None
+        for k in NUMERIC:
             row[k], row[k + " std"] = _mean_std([m.get(k) for m in members])
         out.append(row)
     return out
+
+
+def evaluate_claims(table, claims):
+    """[(claim "A > B", {"diff", "combined_std", "verdict"})] on the rows' mean box AP."""
+    rows = {r["row"]: r for r in table if r["status"] == "done"}
+    out = []
+    for claim in claims:
+        a, b = (side.strip() for side in claim.split(">"))
+        if a not in rows or b not in rows:
+            out.append((claim, {"verdict": "not evaluated: " + " and ".join(
+                f"row {x} has no results" for x in (a, b) if x not in rows)}))
+            continue
+        diff = rows[a]["AP"] - rows[b]["AP"]
+        if rows[a]["AP std"] is None or rows[b]["AP std"] is None:
+            out.append((claim, {"diff": diff, "verdict": "undecided: one seed gives no spread (SEEDS=3)"}))
+            continue
+        spread = math.hypot(rows[a]["AP std"], rows[b]["AP std"])
+        out.append((claim, {"diff": diff, "combined_std": spread, "verdict": "held" if diff > spread else "not held"}))
+    return out
+
+
+def claims_markdown(claims):
+    lines = ["| claim | mean AP difference | combined std | verdict |", "|---|---|---|---|"]
+    for claim, c in claims:
+        lines.append(f"| {claim} | {_fmt(c.get('diff'), None, 3)} | {_fmt(c.get('combined_std'), None, 3)} "
+                     f"| {c['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(value, std, digits):
@@ -169,7 +216,7 @@ def markdown(rows):
     for r in rows:
         cells = []
         for k in COLUMNS:
-            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "fine-tune h", "total h"):
+            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "AP by seed", "fine-tune h", "total h"):
                 cells.append("—")
             elif k in (*AP_COLUMNS, "mask AP"):
                 cells.append(_fmt(r[k] if r[k] is None or r[k] >= 0 else None, r[k + " std"], 3))
@@ -191,11 +238,10 @@ def plot(rows, path):
         if r["status"] == "done" and r["total h"] is not None:
             ax.errorbar(r["total h"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total h std"] or 0, fmt="o",
                         capsize=3)
-            ax.annotate(f"{r['method']} {r['pre-train'] if r['method'] not in ('scratch',) else ''}".strip(),
-                        (r["total h"], r["AP"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            ax.annotate(r["row"], (r["total h"], r["AP"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
     device = next((r["device"] for r in rows if r.get("device")), "device")
     ax.set_xlabel(f"total {'GPU' if device != 'cpu' else 'CPU'}-hours (pre-training + fine-tuning)")
-    ax.set_ylabel("box AP")
+    ax.set_ylabel("box AP (mean ± std over seeds)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -204,25 +250,26 @@ def plot(rows, path):
     os.replace(tmp, path)
 
 
-def write_results(runs_dir, expect=(), out_dir=None):
-    """Writes results.md, results.csv and results.png into out_dir (default runs_dir); returns the rows."""
+def write_results(runs_dir, expect=(), out_dir=None, claims=()):
+    """Writes results.md (the table, then the claims), results.csv and results.png into out_dir (default
+    runs_dir); returns (table rows, claims)."""
     out_dir = out_dir or runs_dir
     rows = [read_run(d) for d in find_runs(runs_dir)]
     present = {r["run"] for r in rows}
     rows += [missing_row(runs_dir, name) for name in expect if name not in present]
     table = aggregate(rows)
+    verdicts = evaluate_claims(table, claims)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(table))
+        f.write(markdown(table) + ("\n" + claims_markdown(verdicts) if verdicts else ""))
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
-        fields = [c for k in COLUMNS for c in ((k, k + " std") if k in (*AP_COLUMNS, "mask AP", "pre-train h",
-                                                                        "fine-tune h", "total h") else (k,))]
+        fields = [c for k in COLUMNS for c in ((k, k + " std") if k in NUMERIC else (k,))]
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows([{k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
                            for k, v in r.items()} for r in table])
     plot(table, os.path.join(out_dir, "results.png"))
-    return table
+    return table, verdicts
 
 
 def main(argv=None):
@@ -230,11 +277,18 @@ def main(argv=None):
     parser.add_argument("runs_dir")
     parser.add_argument("--expect", nargs="*", default=[], help="run directory names that should exist")
     parser.add_argument("--out", default=None, help="where to write (default: runs_dir)")
+    parser.add_argument("--claim", action="append", default=[], metavar='"A > B"',
+                        help="a claim on two rows' box AP to test (repeatable)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.runs_dir):
         sys.exit(f"error: {args.runs_dir}: no such directory (expected a directory of finetune.py runs)")
-    table = write_results(args.runs_dir, args.expect, args.out)
+    bad = [c for c in args.claim if c.count(">") != 1]
+    if bad:
+        sys.exit(f"error: --claim {bad[0]!r}: expected two row names around one '>', e.g. \"direct-p1x > scratch\"")
+    table, verdicts = write_results(args.runs_dir, args.expect, args.out, args.claim)
     print(markdown(table), end="")
+    if verdicts:
+        print("\n" + claims_markdown(verdicts), end="")
     print(f"wrote results.md, results.csv, results.png to {args.out or args.runs_dir}")
 
 
