@@ -262,14 +262,21 @@ def test_two_process_gloo_run(shapes, tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--montage-size", "100"], "--montage-size 100 --montage-split 32: both must be multiples of 32"),
     (["--montage-split", "64"], "with 0 < split < size"),
-    (["--montage-tau", "1.5"], "--montage-tau 1.5: expected a value in [0, 1]"),
+    (["--montage-tau", "0"], "--montage-tau 0.0: expected a value in (0, 1]"),
+    (["--montage-tau", "1.01"], "--montage-tau 1.01: expected a value in (0, 1]"),
     (["--backbone", "vgg16"], "--backbone vgg16: unknown backbone"),
 ])
 def test_bad_flags_are_user_errors(flags, message):
     args = montage.get_args_parser().parse_args([*TINY_M, *flags])
     with pytest.raises(UserError) as e:
         montage.check_montage_args(args)
-    assert message in str(e.value)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("tau", ["1e-6", "0.7", "1"])
+def test_tau_in_range_is_accepted(tau):
+    """tau is the own label's minimum weight: (0, 1], 1 = hard labels (the other side of the bad values)."""
+    montage.check_montage_args(montage.get_args_parser().parse_args([*TINY_M, "--montage-tau", tau]))
 
 
 def test_user_error_is_one_line(shapes, tmp_path):
