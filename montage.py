@@ -96,7 +96,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--montage-loss", default="erf", choices=["erf", "blockwise", "global"],
                    help="erf: ERF-adaptive dense; blockwise: region-pooled logits, one label each; "
                         "global: image-pooled logits, area-weighted label (CutMix-like)")
-    g.add_argument("--montage-tau", type=float, default=0.7, help="min weight of a position's own label (1 = hard)")
+    g.add_argument("--montage-tau", type=float, default=0.7,
+                   help="min weight of a position's own label, in (0, 1] (1 = hard)")
     g.add_argument("--montage-erf-every", type=int, default=5000, help="iterations between ERF recomputations")
     g.add_argument("--montage-erf-batch", type=int, default=64, help="montages the ERF is averaged over")
     g.add_argument("--montage-flip", type=float, default=0.5, help="per-sample horizontal flip probability")
@@ -121,8 +122,9 @@ def check_montage_args(args):
     if size % STRIDE or split % STRIDE or not 0 < split < size:
         raise cli.UserError(f"--montage-size {size} --montage-split {split}: both must be multiples of {STRIDE} "
                             "with 0 < split < size (the regions must align with the feature cells)")
-    if not 0 <= args.montage_tau <= 1:
-        raise cli.UserError(f"--montage-tau {args.montage_tau}: expected a value in [0, 1]")
+    if not 0 < args.montage_tau <= 1:  # the own label's minimum weight; at 0 an all-0 ERF gives 0 / 0 weights
+        raise cli.UserError(f"--montage-tau {args.montage_tau}: expected a value in (0, 1] (the minimum weight of "
+                            "a position's own label; 1 = hard labels)")
     if args.montage_erf_every < 1 or args.montage_erf_batch < 1:
         raise cli.UserError("--montage-erf-every and --montage-erf-batch must be positive")
     lo, hi = args.montage_neg_scale
