@@ -1,6 +1,9 @@
-"""alignDet.py: the contrastive loss against a hand-computed InfoNCE, the EMA update, views that keep box
-ids, FCOS assignment and sampling on known inputs, and end to end: frozen backbone, exact resume,
-finetune.py --init loading the pre-trained parts (Faster R-CNN; RetinaNet and FCOS), one-line errors."""
+"""alignDet.py: the contrastive loss (value and gradient) against hand-computed InfoNCE numbers and a loop
+reference, the EMA update and momentum schedule, views that keep box ids (also when a box is dropped from one
+view only), FCOS assignment and sampling on known inputs, each detector's box-domain losses on heads replaced by
+fixed functions, the training loop's wiring (views, keys, teacher update after a step), and end to end: frozen
+backbone, exact resume, finetune.py --init loading the pre-trained parts (Faster R-CNN; RetinaNet and FCOS),
+one-line errors."""
 import json
 import math
 import os
@@ -473,15 +476,17 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     assert not any(k.startswith("detector.backbone.body.") for k in teacher)
 
     proc = run_script("finetune.py", "--detector", "fasterrcnn", "--box-head", "2fc", "--init",
-                      f"{full}/model_final.pth", "--iters", "2", "--max-iters", "1", "--warmup-iters", "1", "--batch-size", "2", *TINY, *shapes,
-                      "--output-dir", str(tmp_path / "ft"))
+                      f"{full}/model_final.pth", "--iters", "2", "--max-iters", "1", "--warmup-iters", "1",
+                      "--batch-size", "2", *TINY, *shapes, "--output-dir", str(tmp_path / "ft"))
     report = transfer_report(proc.stdout)
     for part_name in ("backbone", "fpn", "rpn", "box_head"):
         assert report[part_name]["loaded"] > 0 and report[part_name]["missing"] == 0, report
     assert report["box_predictor"]["loaded"] == 0 and report["box_predictor"]["missing"] == 4
-    # AlignDet's fine-tuning recipe: BN affine, stem + res2 frozen, lr x1.5 (of 0.02 x 2 / 16) and weight decay x0.5
-    for line in ("--bn affine: the recipe's", "--trainable-layers 3: the recipe's", "--weight-decay 5e-05: the recipe's",
-                 "--lr 0.00375: 0.0025 (the 1x lr: 0.02 at global batch 16, scaled to 2) x the recipe's multiplier 1.5"):
+    # AlignDet's fine-tuning recipe: BN affine, stem + res2 frozen, lr x1.5 (of 0.02 x 2 / 16), weight decay x0.5
+    for line in ("--bn affine: the recipe's", "--trainable-layers 3: the recipe's",
+                 "--weight-decay 5e-05: the recipe's",
+                 "--lr 0.00375: 0.0025 (the 1x lr: 0.02 at global batch 16, scaled to 2) x the recipe's "
+                 "multiplier 1.5"):
         assert line in proc.stdout, (line, proc.stdout)
     recipe = json.load(open(tmp_path / "ft" / "results.json"))["finetune"]["recipe"]
     assert recipe["lr"] == pytest.approx(0.00375) and recipe["weight_decay"] == pytest.approx(5e-5)
