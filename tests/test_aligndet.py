@@ -380,6 +380,12 @@ def test_retinanet_contrast_samples_and_l1_averaged_over_the_batch_positives(mon
     assert positives == 5
     assert rows(emb, ids) == sorted((tuple(round(v, 3) for v in e), i) for e, i in expected)
     assert losses["loss_reg"].item() == pytest.approx(total / positives, rel=1e-5)
+    model.dense_samples = 3  # per image: positives first (image 1: its 3; image 2: its 2 and one background)
+    emb, ids, _ = model.retinanet(images, {}, targets)
+    picked = rows(emb, ids)
+    assert [row for row in picked if row[1] > 0] == sorted(
+        (tuple(round(v, 3) for v in e), i) for e, i in expected if i > 0)
+    assert [row[0][0] >= 1000 for row in picked if row[1] == 0] == [True]  # the background is image 2's
 
 
 def giou_loss(p, g):
@@ -431,6 +437,11 @@ def test_fcos_giou_weighted_by_centerness_targets_and_centerness_bce(monkeypatch
     assert rows(emb, ids) == sorted((tuple(round(v, 3) for v in e), i) for e, i in expected)
     assert losses["loss_reg"].item() == pytest.approx(weighted / weights, rel=1e-5)
     assert losses["loss_ctr"].item() == pytest.approx(sum(bce) / len(bce), rel=1e-5)
+    model.dense_samples = 7  # over the view batch: the 6 positives of both images first, then one background
+    emb, ids, _ = model.fcos(images, {"p3": torch.zeros(2, 8, 2, 3)}, targets)
+    picked = rows(emb, ids)
+    assert len(picked) == 7 and [row for row in picked if row[1] > 0] == sorted(
+        (tuple(round(v, 3) for v in e), i) for e, i in expected if i > 0)
 
 
 # ---- end to end ----
