@@ -303,9 +303,9 @@ def rcnn_model():
 
 def test_rcnn_rois_are_positive_proposals_plus_pseudo_boxes_with_id_specific_regression(rcnn_model, monkeypatch):
     """RoIs: proposals at IoU >= 0.5 with a pseudo box (0.5 in, 0.475 out) plus the pseudo boxes themselves;
-    embedding = the RoI (identity pooling and projector); deltas of RoI r for id j: (j / 10 + r's corner / 100,
-    c / 20): the regression must read the column of the RoI's instance id, against deltas with stds
-    (.1, .1, .2, .2), L1 summed over the 4 coordinates / number of RoIs."""
+    embedding = the RoI (identity pooling and projector); predicted delta c of RoI r for id j:
+    j / 10 + x0(r) / 100 + c / 20, so the regression must read the columns of the RoI's own instance id; targets
+    with stds (.1, .1, .2, .2); L1 summed over the 4 coordinates / number of RoIs."""
     heads, num_ids = rcnn_model.detector.roi_heads, 8
     assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
     gts = [[[0.0, 0, 40, 20], [100, 40, 160, 100]], [[10.0, 10, 50, 90]]]  # ids 1, 2 | 3 (batch offsets)
