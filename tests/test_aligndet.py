@@ -1,7 +1,11 @@
-"""alignDet.py: the contrastive loss against a hand-computed InfoNCE, the EMA update, views that keep box
-ids, FCOS assignment and sampling on known inputs, and end to end: frozen backbone, exact resume,
-finetune.py --init loading the pre-trained parts (Faster R-CNN; RetinaNet and FCOS), one-line errors."""
+"""alignDet.py: the contrastive loss (value and gradient) against hand-computed InfoNCE numbers and a loop
+reference, the EMA update and momentum schedule, views that keep box ids (also when a box is dropped from one
+view only), FCOS assignment and sampling on known inputs, each detector's box-domain losses on heads replaced by
+fixed functions, the training loop's wiring (views, keys, teacher update after a step), and end to end: frozen
+backbone, exact resume, finetune.py --init loading the pre-trained parts (Faster R-CNN; RetinaNet and FCOS),
+one-line errors."""
 import json
+import math
 import os
 import re
 import shutil
@@ -9,11 +13,16 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision import tv_tensors
+from torchvision.models.detection.image_list import ImageList
+from torchvision.transforms import v2
 
 import alignDet
 from common import checkpoint, cli, proposals
 from common.detectors import build_detector
+from common.engine import Run
+from common.transforms import train_augment
 from conftest import TINY, iteration_losses, run_script
 
 AD = ["--batch-size", "2", "--iters", "40", "--warmup-iters", "5", "--align-dense-samples", "256", "--device", "cpu",
@@ -40,37 +49,97 @@ def backbone_file(tmp_path_factory):
 
 # ---- the method core on hand-made inputs ----
 def reference_loss(q, q_ids, k, k_ids, t):
-    """methods.md §1 fact 6, written as loops."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    """methods.md §1 fact 6, written as loops. Returns (loss, d loss / d q): every query row is its own leaf, the
+    only tensors that require grad; keys, the K = Q stand-ins and the negatives are built from detached copies."""
+    leaves = [row.detach().clone().requires_grad_(True) for row in q]
+    frozen_q, k = F.normalize(q.detach(), dim=1), F.normalize(k.detach(), dim=1)
     per_id = []
     for label in sorted(set(q_ids.tolist()) - {0}):
-        queries = q[q_ids == label]
-        keys = k[k_ids == label] if (k_ids == label).any() else queries
-        negatives = torch.cat([q[q_ids != label], k[k_ids != label]])
+        queries = [F.normalize(leaves[i], dim=0) for i in range(len(q)) if q_ids[i] == label]
+        keys = k[k_ids == label] if (k_ids == label).any() else frozen_q[q_ids == label]
+        negatives = torch.cat([frozen_q[q_ids != label], k[k_ids != label]])
         pairs = [-torch.log_softmax(torch.cat([(qq @ kk)[None], negatives @ qq]) / t, 0)[0]
                  for qq in queries for kk in keys]
         per_id.append(torch.stack(pairs).mean())
-    return torch.stack(per_id).mean()
+    loss = torch.stack(per_id).mean()
+    loss.backward()
+    grad = torch.stack([leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves])
+    return loss.detach(), grad
+
+
+def loss_and_query_grad(q, q_ids, k, k_ids, t):
+    """box_contrastive_loss and its gradient w.r.t. the queries (keys given without grad, as the teacher's)."""
+    q = q.detach().clone().requires_grad_(True)
+    loss = alignDet.box_contrastive_loss(q, q_ids, k.detach(), k_ids, t)
+    loss.backward()
+    return loss.detach(), q.grad
 
 
 def test_contrastive_loss_equals_hand_computed_infonce():
     q, k = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]])
-    loss = alignDet.box_contrastive_loss(q, torch.tensor([1]), k, torch.tensor([1, 2]), temperature=0.5)
-    assert loss.item() == pytest.approx(torch.log(1 + torch.exp(torch.tensor(-2.0))).item(), abs=1e-6)  # [2, 0]
+    for t in (0.5, 0.2):  # one positive at cosine 1, one negative at cosine 0: log(1 + exp(-1 / T))
+        loss = alignDet.box_contrastive_loss(q, torch.tensor([1]), k, torch.tensor([1, 2]), temperature=t)
+        assert loss.item() == pytest.approx(math.log(1 + math.exp(-1 / t)), abs=1e-6), t
 
     torch.manual_seed(0)
-    q, k = torch.randn(12, 8, requires_grad=True), torch.randn(9, 8)
+    q, k = torch.randn(12, 8), torch.randn(9, 8)
     q_ids = torch.tensor([1, 1, 2, 0, 3, 3, 3, 0, 4, 2, 5, 1])  # id 4 and 5: no key (K = Q); 0: background
     k_ids = torch.tensor([1, 2, 2, 3, 0, 0, 1, 6, 3])  # id 6: a key without a query (negative only)
-    loss = alignDet.box_contrastive_loss(q, q_ids, k, k_ids, 0.5)
-    assert loss.item() == pytest.approx(reference_loss(q.detach(), q_ids, k, k_ids, 0.5).item(), rel=1e-5)
-    loss.backward()
-    assert q.grad[q_ids > 0].abs().sum() > 0
+    loss, grad = loss_and_query_grad(q, q_ids, k, k_ids, 0.5)
+    expected, expected_grad = reference_loss(q, q_ids, k, k_ids, 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     ids = torch.arange(1, 13)
-    aligned = alignDet.box_contrastive_loss(q.detach(), ids, q.detach().clone(), ids, 0.5)
-    unrelated = alignDet.box_contrastive_loss(q.detach(), ids, torch.randn(12, 8), ids, 0.5)
+    aligned = alignDet.box_contrastive_loss(q, ids, q.clone(), ids, 0.5)
+    unrelated = alignDet.box_contrastive_loss(q, ids, torch.randn(12, 8), ids, 0.5)
     assert aligned < unrelated
-    assert alignDet.box_contrastive_loss(q, torch.zeros(12, dtype=torch.long), k, k_ids, 0.5).item() == 0
+    background = q.clone().requires_grad_(True)
+    zero = alignDet.box_contrastive_loss(background, torch.zeros(12, dtype=torch.long), k, k_ids, 0.5)
+    assert zero.item() == 0 and zero.requires_grad  # no anchor: zero, but a graph backward() accepts
+
+
+def test_contrastive_gradient_flows_through_the_queries_only():
+    """Queries carry the gradient; keys (teacher) and negatives (online and teacher samples of other ids) are
+    stop-gradient, so the gradient w.r.t. the queries is the reference's, whose negatives are detached copies:
+    a background query (a negative only) gets exactly none. Unequal counts (5 queries, 7 keys) so a swap of
+    queries and keys cannot pass."""
+    torch.manual_seed(1)
+    q, k = torch.randn(5, 3) * torch.tensor([1.0, 2.0, 0.5]), torch.randn(7, 3)
+    q_ids, k_ids = torch.tensor([2, 0, 2, 1, 3]), torch.tensor([1, 2, 0, 1, 4, 2, 0])  # id 3: no key (K = Q)
+    loss, grad = loss_and_query_grad(q, q_ids, k, k_ids, 0.3)
+    expected, expected_grad = reference_loss(q, q_ids, k, k_ids, 0.3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+    assert torch.equal(grad[1], torch.zeros(3)) and grad[q_ids > 0].abs().min() > 0
+    swapped, _ = reference_loss(k, k_ids, q, q_ids, 0.3)
+    assert abs(swapped.item() - loss.item()) > 1e-2  # the swap changes the value: the check above can tell
+
+
+def test_contrastive_loss_per_id_mean_temperature_normalisation_and_background():
+    """3-d axes vectors (cosines -1, 0, 1) of assorted lengths, so each pair's loss is written by hand:
+    log(1 + sum_n exp((q.n - q.k) / T)). Id 1 has 1 query and 2 keys, id 2 one pair, id 0 (background) one
+    query and one key that are negatives only. Mean over id 1's 2 pairs, then over the 2 ids."""
+    q = torch.tensor([[2.0, 0, 0], [0, 0.5, 0], [0, 0, 3]])  # ids 1, 2, 0
+    k = torch.tensor([[4.0, 0, 0], [0, 0, 0.2], [0, 1.5, 0], [-1, 0, 0]])  # ids 1, 1, 2, 0
+    q_ids, k_ids = torch.tensor([1, 2, 0]), torch.tensor([1, 1, 2, 0])
+    for t in (0.5, 0.2):
+        e = math.exp(-1 / t)
+        # id 1's negatives: q2 (0), q3 (0), k3 (0), k4 (-1); id 2's: q1, q3, k1, k2, k4 (all 0)
+        id1 = [math.log(1 + 3 * e + e * e), math.log(4 + e)]  # positive k1 (cosine 1), k2 (cosine 0)
+        id2 = math.log(1 + 5 * e)  # positive k3 (cosine 1)
+        expected = (sum(id1) / 2 + id2) / 2
+        assert (sum(id1) + id2) / 3 != pytest.approx(expected, rel=1e-3)  # a flat mean over pairs differs
+        loss, grad = loss_and_query_grad(q, q_ids, k, k_ids, t)
+        assert loss.item() == pytest.approx(expected, rel=1e-6), t
+        assert torch.equal(grad[2], torch.zeros(3))  # the background query is never an anchor
+        torch.testing.assert_close(grad, reference_loss(q, q_ids, k, k_ids, t)[1], rtol=1e-4, atol=1e-7)
+    # K = Q for an id without keys: the queries (detached) serve as keys, themselves included
+    q, q_ids = torch.tensor([[1.0, 0], [0, 3]]), torch.tensor([1, 1])
+    k, k_ids = torch.tensor([[-2.0, 0]]), torch.tensor([2])  # id 2: a teacher negative, no query: no anchor
+    pairs = [math.log(1 + math.exp(-4)), math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.exp(-2))]
+    loss, grad = loss_and_query_grad(q, q_ids, k, k_ids, 0.5)  # pairs (a, a), (a, b), (b, a), (b, b)
+    assert loss.item() == pytest.approx(sum(pairs) / 4, rel=1e-6)
+    torch.testing.assert_close(grad, reference_loss(q, q_ids, k, k_ids, 0.5)[1], rtol=1e-4, atol=1e-7)
 
 
 def test_fcos_assignment_and_sampling_on_known_inputs():
@@ -116,8 +185,11 @@ def test_ema_update_is_exact_and_leaves_the_frozen_backbone_alone():
     fresh = alignDet.EmaTeacher(alignDet.build_box_domain_model(tiny_args()))
     fresh.load_state_dict(state)
     assert all(torch.equal(v, fresh.model.state_dict()[k]) for k, v in state.items())
+    # m = 1 - (1 - base)(cos(pi k / K) + 1) / 2: base at k = 0, 1 at k = K, cosine in between
     assert alignDet.momentum_at(0, 100) == pytest.approx(0.996) and alignDet.momentum_at(100, 100) == 1.0
     assert alignDet.momentum_at(50, 100) == pytest.approx(0.998)
+    assert alignDet.momentum_at(25, 100) == pytest.approx(1 - 0.004 * (math.sqrt(0.5) + 1) / 2, abs=1e-12)
+    assert alignDet.momentum_at(10, 30, base=0.9) == pytest.approx(1 - 0.1 * 0.75, abs=1e-12)  # cos(pi/3) = 1/2
 
 
 def test_views_keep_each_box_id_on_the_same_image_region():
@@ -140,6 +212,236 @@ def test_views_keep_each_box_id_on_the_same_image_region():
     assert flips == {True, False}
     batch = alignDet.collate_views([views[0], views[0]])
     assert [t["ids"].tolist() for t in batch[1]] == [t["ids"].tolist() for t in batch[3]] == [[1, 2, 3], [4, 5, 6]]
+
+
+class StretchEachCall:
+    """A view's resize with known per-axis scales, cycling over ``scales`` [(sx, sy), ...] call by call."""
+
+    def __init__(self, scales):
+        self.scales, self.calls = scales, []
+
+    def __call__(self, image, target):
+        sx, sy = self.scales[len(self.calls) % len(self.scales)]
+        self.calls.append((sx, sy))
+        h, w = image.shape[-2:]
+        return v2.Resize((round(h * sy), round(w * sx)), antialias=True)(image, target)
+
+
+def test_a_box_dropped_in_one_view_only_keeps_the_other_ids_aligned():
+    """A pseudo box under 1 px after one view's resize is dropped from that view only (with its id); the other
+    boxes keep their ids and regions in both views, the batch offsets stay those of the full box counts (so ids
+    never collide), and the loss then takes the dropped id's queries as its keys (K = Q)."""
+    w, h = 160, 120
+    thick1, thick2 = [10.0, 20, 60, 70], [40, 60, 120, 110]
+    thin_x, thin_y = [80, 10, 81.5, 50], [90, 70, 130, 71.5]  # 1.5 px wide / tall
+    scenes = [[thick1, thin_y, thin_x], [thick2, thin_x, thick1]]  # box k has id k + 1 (+ 3 in image 2)
+    images = []
+    for boxes in scenes:
+        target = {"boxes": tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h, w)),
+                  "labels": torch.ones(3)}
+        images.append((tv_tensors.Image(torch.randint(0, 255, (3, h, w), dtype=torch.uint8)), target))
+    # view 1 stretches x by 2 and squeezes y by 0.4 (drops thin_y); view 2 the other way round (drops thin_x)
+    stretch = StretchEachCall([(2.0, 0.4), (0.4, 2.0)])
+    view = v2.Compose([stretch, train_augment(), alignDet.RandomColorOp()])
+    dataset = alignDet.TwoViews(images, view, max_boxes=3)
+    torch.manual_seed(0)
+    images1, targets1, images2, targets2 = alignDet.collate_views([dataset[0], dataset[1]])
+    assert [t["ids"].tolist() for t in targets1] == [[1, 3], [4, 5, 6]]
+    assert [t["ids"].tolist() for t in targets2] == [[1, 2], [4, 6]]
+    for images_, targets_, (sx, sy) in ((images1, targets1, (2.0, 0.4)), (images2, targets2, (0.4, 2.0))):
+        for b, (image, t) in enumerate(zip(images_, targets_)):
+            assert tuple(image.shape[-2:]) == (round(h * sy), round(w * sx))
+            original = torch.tensor(scenes[b])[t["ids"] - 1 - 3 * b]  # each kept box's own region, by its id
+            back = t["boxes"] / torch.tensor([sx, sy, sx, sy])
+            flipped = torch.stack([w - back[:, 2], back[:, 1], w - back[:, 0], back[:, 3]], dim=1)
+            assert torch.allclose(back, original, atol=0.1) or torch.allclose(flipped, original, atol=0.1), b
+
+    # the loss on these ids (one embedding per box and view): ids 3 and 5 have queries, no keys
+    q_ids, k_ids = torch.cat([t["ids"] for t in targets1]), torch.cat([t["ids"] for t in targets2])
+    q, k = torch.randn(len(q_ids), 6), torch.randn(len(k_ids), 6)
+    loss, grad = loss_and_query_grad(q, q_ids, k, k_ids, 0.5)
+    expected, expected_grad = reference_loss(q, q_ids, k, k_ids, 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- the box-domain heads on known outputs: each detector's heads replaced by fixed functions ----
+class Fixed(nn.Module):
+    """A submodule whose forward is a given function (stands in for a head, the RPN or the RoI pooling)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def iou(a, b):
+    """IoU of two xyxy boxes (lists), by hand."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def encode(gt, box, weights):
+    """Faster R-CNN deltas of ``gt`` relative to ``box`` (centre offsets / size, log size ratios) x weights."""
+    (gx, gy, gw, gh), (px, py, pw, ph) = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b[2] - b[0], b[3] - b[1])
+                                          for b in (gt, box)]
+    wx, wy, ww, wh = weights
+    return [wx * (gx - px) / pw, wy * (gy - py) / ph, ww * math.log(gw / pw), wh * math.log(gh / ph)]
+
+
+def rows(embeddings, ids):
+    """The (embedding row, id) pairs as a sorted list (the samplers shuffle)."""
+    return sorted((tuple(round(v, 3) for v in e.tolist()), i) for e, i in zip(embeddings, ids.tolist()))
+
+
+@pytest.fixture(scope="module")
+def rcnn_model():
+    return alignDet.build_box_domain_model(tiny_args("--box-head", "2fc"))
+
+
+def test_rcnn_rois_are_positive_proposals_plus_pseudo_boxes_with_id_specific_regression(rcnn_model, monkeypatch):
+    """RoIs: proposals at IoU >= 0.5 with a pseudo box (0.5 in, 0.475 out) plus the pseudo boxes themselves;
+    embedding = the RoI (identity pooling and projector); predicted delta c of RoI r for id j:
+    j / 10 + x0(r) / 100 + c / 20, so the regression must read the columns of the RoI's own instance id; targets
+    with stds (.1, .1, .2, .2); L1 summed over the 4 coordinates / number of RoIs."""
+    heads, num_ids = rcnn_model.detector.roi_heads, 8
+    assert heads.box_coder.weights == (10.0, 10.0, 5.0, 5.0)
+    gts = [[[0.0, 0, 40, 20], [100, 40, 160, 100]], [[10.0, 10, 50, 90]]]  # ids 1, 2 | 3 (batch offsets)
+    props = [[[0.0, 0, 20, 20], [0, 0, 19, 20], [100, 40, 160, 130], [170, 0, 190, 10]],  # 0.5, .475, .67, 0
+             [[10.0, 10, 50, 70], [60, 60, 70, 70], [10, 12, 50, 90]]]  # 0.75, 0, 0.95
+    targets = [{"boxes": torch.tensor(g), "ids": torch.arange(1, len(g) + 1) + 2 * b} for b, g in enumerate(gts)]
+
+    def bbox_pred(x):  # [R, 4] RoIs -> [R, num_ids * 4]
+        j, c = torch.arange(num_ids)[None, :, None], torch.arange(4)[None, None, :]
+        return (j / 10 + x[:, None, :1] / 100 + c / 20).flatten(1)
+    rpn = Fixed(lambda images, features, targets=None: ([torch.tensor(p) for p in props],
+                                                       {"loss_objectness": torch.tensor(0.0),
+                                                        "loss_rpn_box_reg": torch.tensor(0.0)}))
+    monkeypatch.setattr(rcnn_model.detector, "rpn", rpn)
+    monkeypatch.setattr(heads, "box_roi_pool", Fixed(lambda features, rois, sizes: torch.cat(rois)))
+    monkeypatch.setattr(heads, "box_head", nn.Identity())
+    monkeypatch.setattr(heads.box_predictor, "cls_score", nn.Identity())
+    monkeypatch.setattr(heads.box_predictor, "bbox_pred", Fixed(bbox_pred))
+    images = ImageList(torch.zeros(2, 3, 120, 200), [(120, 200), (120, 200)])
+    embeddings, ids, losses = rcnn_model.train().rcnn(images, {}, targets)
+
+    expected, total = [], 0.0
+    for b, (g, p) in enumerate(zip(gts, props)):
+        for roi in p + g:
+            overlaps = [iou(roi, box) for box in g]
+            if max(overlaps) >= 0.5:
+                k = overlaps.index(max(overlaps))
+                label = k + 1 + 2 * b
+                expected.append((tuple(roi), label))
+                pred = [label / 10 + roi[0] / 100 + c / 20 for c in range(4)]
+                total += sum(abs(d - t) for d, t in zip(pred, encode(g[k], roi, (10, 10, 5, 5))))
+    assert len(expected) == 7  # 4 proposals (IoU 0.5, 0.67, 0.75, 0.95) and the 3 pseudo boxes
+    assert rows(embeddings, ids) == sorted((tuple(round(v, 3) for v in e), i) for e, i in expected)
+    assert losses["loss_roi_reg"].item() == pytest.approx(total / len(expected), rel=1e-5)
+
+
+def test_retinanet_contrast_samples_and_l1_averaged_over_the_batch_positives(monkeypatch):
+    """Anchors at IoU 0.5 (positive), 0.45 and 0.4 (ignored: neither sampled nor regressed), 0.375 and 0
+    (background, id 0); a pseudo box whose best anchor has IoU 0.3 still gets it (low-quality match).
+    L1 on the positives' deltas (stds 1), summed over coordinates and averaged over the batch's positives
+    (3 in image 1, 2 in image 2: not a mean of per-image means)."""
+    model = alignDet.build_box_domain_model(tiny_args("--detector", "retinanet"))
+    model.dense_samples = 100  # every positive and negative
+    gts = [[[0.0, 0, 40, 20], [100, 40, 160, 100]], [[10.0, 10, 50, 90], [120, 0, 150, 30]]]
+    anchors = [[[0.0, 0, 20, 20], [0, 0, 40, 20], [0, 0, 18, 20], [0, 0, 16, 20], [0, 0, 15, 20],
+                [200, 0, 240, 30], [100, 40, 160, 130]],
+               [[10.0, 10, 50, 70], [120, 0, 150, 9], [60, 60, 70, 100], [0, 100, 5, 110], [150, 100, 190, 118],
+                [10, 10, 50, 36], [10, 10, 50, 45]]]
+    matches = [[0, 0, None, None, -1, -1, 1], [0, 1, -1, -1, -1, -1, None]]  # None: ignored
+    targets = [{"boxes": torch.tensor(g), "ids": torch.arange(1, 3) + 2 * b} for b, g in enumerate(gts)]
+    deltas = torch.tensor([[[0.1 * (a + 1) - 0.05 * c + 0.3 * b for c in range(4)] for a in range(7)]
+                           for b in range(2)])  # [B, A, 4]
+    embeddings = torch.tensor(anchors) + 1000 * torch.arange(2)[:, None, None]  # [B, A, 4]: the anchor, image
+    head = model.detector.head
+    monkeypatch.setattr(head, "classification_head", Fixed(lambda features: embeddings))
+    monkeypatch.setattr(head, "regression_head", Fixed(lambda features: deltas))
+    monkeypatch.setattr(model.detector, "anchor_generator", Fixed(lambda images, features: [torch.tensor(a)
+                                                                                            for a in anchors]))
+    images = ImageList(torch.zeros(2, 3, 128, 256), [(128, 256), (128, 256)])
+    emb, ids, losses = model.train().retinanet(images, {}, targets)
+
+    expected, total, positives = [], 0.0, 0
+    for b in range(2):
+        for a, k in enumerate(matches[b]):
+            if k is None:
+                continue
+            expected.append((tuple(v + 1000 * b for v in anchors[b][a]), k + 1 + 2 * b if k >= 0 else 0))
+            if k >= 0:
+                positives += 1
+                target = encode(gts[b][k], anchors[b][a], (1, 1, 1, 1))
+                total += sum(abs(d - t) for d, t in zip(deltas[b, a].tolist(), target))
+    assert positives == 5
+    assert rows(emb, ids) == sorted((tuple(round(v, 3) for v in e), i) for e, i in expected)
+    assert losses["loss_reg"].item() == pytest.approx(total / positives, rel=1e-5)
+    model.dense_samples = 3  # per image: positives first (image 1: its 3; image 2: its 2 and one background)
+    emb, ids, _ = model.retinanet(images, {}, targets)
+    picked = rows(emb, ids)
+    assert [row for row in picked if row[1] > 0] == sorted(
+        (tuple(round(v, 3) for v in e), i) for e, i in expected if i > 0)
+    assert [row[0][0] >= 1000 for row in picked if row[1] == 0] == [True]  # the background is image 2's
+
+
+def giou_loss(p, g):
+    """1 - GIoU of two xyxy boxes, by hand."""
+    enclosing = (max(p[2], g[2]) - min(p[0], g[0])) * (max(p[3], g[3]) - min(p[1], g[1]))
+    inter = max(0.0, min(p[2], g[2]) - max(p[0], g[0])) * max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
+    union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
+    return 1 - (inter / union - (enclosing - union) / enclosing)
+
+
+def test_fcos_giou_weighted_by_centerness_targets_and_centerness_bce(monkeypatch):
+    """One level of 3 x 2 points (stride 16); each point's positive box is the smallest one containing it
+    (a point on a box's edge is outside). loss_reg = sum(GIoU loss x centerness target) / sum(centerness
+    targets), centerness target sqrt(min(l, r) / max(l, r) x min(t, b) / max(t, b)) from the point's
+    distances to its box; loss_ctr = BCE(logit, target) summed / number of positives."""
+    model = alignDet.build_box_domain_model(tiny_args("--detector", "fcos"))
+    model.dense_samples = 100
+    centres = [(x, y) for y in (8.0, 24.0) for x in (8.0, 24.0, 40.0)]  # row-major over a [2, 3] map
+    anchors = torch.tensor([[x - 8, y - 8, x + 8, y + 8] for x, y in centres])  # [6, 4] stride-sized boxes
+    gts = [[[0.0, 0, 30, 20], [0, 0, 36, 34]], [[24.0, 2, 46, 30]]]
+    matches = [[0, 0, -1, 1, 1, -1], [-1, -1, 0, -1, -1, 0]]  # x = 24 lies on the edge of image 2's box
+    targets = [{"boxes": torch.tensor(g), "ids": torch.arange(1, len(g) + 1) + 2 * b} for b, g in enumerate(gts)]
+    ltrb = torch.tensor([[[0.3 + 0.1 * p + 0.2 * b + 0.05 * c for c in range(4)] for p in range(6)]
+                         for b in range(2)])  # [B, P, 4] distances in stride units
+    logits = torch.tensor([[[0.4 * p - 0.5 * b - 0.7] for p in range(6)] for b in range(2)])  # [B, P, 1]
+    embeddings = anchors[None] + 1000 * torch.arange(2)[:, None, None]  # [B, P, 4]
+    head = model.detector.head
+    monkeypatch.setattr(head, "classification_head", Fixed(lambda features: embeddings))
+    monkeypatch.setattr(head, "regression_head", Fixed(lambda features: (ltrb, logits)))
+    monkeypatch.setattr(model.detector, "anchor_generator", Fixed(lambda images, features: [anchors, anchors]))
+    images = ImageList(torch.zeros(2, 3, 32, 48), [(32, 48), (32, 48)])
+    emb, ids, losses = model.train().fcos(images, {"p3": torch.zeros(2, 8, 2, 3)}, targets)
+
+    expected, weighted, weights, bce = [], 0.0, 0.0, []
+    for b in range(2):
+        for p, ((x, y), k) in enumerate(zip(centres, matches[b])):
+            expected.append((tuple(v + 1000 * b for v in anchors[p].tolist()), k + 1 + 2 * b if k >= 0 else 0))
+            if k < 0:
+                continue
+            g = gts[b][k]
+            l_, t_, r_, b_ = x - g[0], y - g[1], g[2] - x, g[3] - y
+            centerness = math.sqrt(min(l_, r_) / max(l_, r_) * min(t_, b_) / max(t_, b_))
+            d = [v * 16 for v in ltrb[b, p].tolist()]
+            weighted += giou_loss([x - d[0], y - d[1], x + d[2], y + d[3]], g) * centerness
+            weights += centerness
+            s = 1 / (1 + math.exp(-logits[b, p, 0].item()))
+            bce.append(-(centerness * math.log(s) + (1 - centerness) * math.log(1 - s)))
+    assert len(bce) == 6
+    assert rows(emb, ids) == sorted((tuple(round(v, 3) for v in e), i) for e, i in expected)
+    assert losses["loss_reg"].item() == pytest.approx(weighted / weights, rel=1e-5)
+    assert losses["loss_ctr"].item() == pytest.approx(sum(bce) / len(bce), rel=1e-5)
+    model.dense_samples = 7  # over the view batch: the 6 positives of both images first, then one background
+    emb, ids, _ = model.fcos(images, {"p3": torch.zeros(2, 8, 2, 3)}, targets)
+    picked = rows(emb, ids)
+    assert len(picked) == 7 and [row for row in picked if row[1] > 0] == sorted(
+        (tuple(round(v, 3) for v in e), i) for e, i in expected if i > 0)
 
 
 # ---- end to end ----
@@ -185,18 +487,84 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     assert not any(k.startswith("detector.backbone.body.") for k in teacher)
 
     proc = run_script("finetune.py", "--detector", "fasterrcnn", "--box-head", "2fc", "--init",
-                      f"{full}/model_final.pth", "--iters", "2", "--max-iters", "1", "--warmup-iters", "1", "--batch-size", "2", *TINY, *shapes,
-                      "--output-dir", str(tmp_path / "ft"))
+                      f"{full}/model_final.pth", "--iters", "2", "--max-iters", "1", "--warmup-iters", "1",
+                      "--batch-size", "2", *TINY, *shapes, "--output-dir", str(tmp_path / "ft"))
     report = transfer_report(proc.stdout)
     for part_name in ("backbone", "fpn", "rpn", "box_head"):
         assert report[part_name]["loaded"] > 0 and report[part_name]["missing"] == 0, report
     assert report["box_predictor"]["loaded"] == 0 and report["box_predictor"]["missing"] == 4
-    # AlignDet's fine-tuning recipe: BN affine, stem + res2 frozen, lr x1.5 (of 0.02 x 2 / 16) and weight decay x0.5
-    for line in ("--bn affine: the recipe's", "--trainable-layers 3: the recipe's", "--weight-decay 5e-05: the recipe's",
-                 "--lr 0.00375: 0.0025 (the 1x lr: 0.02 at global batch 16, scaled to 2) x the recipe's multiplier 1.5"):
+    # AlignDet's fine-tuning recipe: BN affine, stem + res2 frozen, lr x1.5 (of 0.02 x 2 / 16), weight decay x0.5
+    for line in ("--bn affine: the recipe's", "--trainable-layers 3: the recipe's",
+                 "--weight-decay 5e-05: the recipe's",
+                 "--lr 0.00375: 0.0025 (the 1x lr: 0.02 at global batch 16, scaled to 2) x the recipe's "
+                 "multiplier 1.5"):
         assert line in proc.stdout, (line, proc.stdout)
     recipe = json.load(open(tmp_path / "ft" / "results.json"))["finetune"]["recipe"]
     assert recipe["lr"] == pytest.approx(0.00375) and recipe["weight_decay"] == pytest.approx(5e-5)
+
+
+def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal_file, tmp_path, monkeypatch):
+    """main(), in process, 3 iterations whose 2nd loss is made non-finite (skipped, --skip-nonfinite 1):
+    the online model (training mode) sees view 1 and gives the queries (with grad), the teacher (eval mode)
+    sees view 2 under no_grad and gives the keys; the loss gets --align-temperature and is logged x
+    --align-contrast-weight; the teacher is updated right after each successful step only, with
+    m = 1 - (1 - base)(cos(pi it / total) + 1) / 2 (iterations 0 and 2 of 40)."""
+    events, batches, forwards, losses_in = [], [], [], []
+    real_collate, real_forward = alignDet.collate_views, alignDet.BoxDomainModel.forward
+    real_loss, real_step, real_update = alignDet.box_contrastive_loss, Run.step, alignDet.EmaTeacher.update
+
+    def collate(batch):
+        batches.append(real_collate(batch))
+        return batches[-1]
+
+    def forward(self, images, targets):
+        out = real_forward(self, images, targets)
+        forwards.append((self.training, images, out))
+        return out
+
+    def loss(*args):
+        losses_in.append(args)
+        value = real_loss(*args)
+        return value * float("nan") if len(losses_in) == 2 else value
+
+    def step(self, losses):
+        events.append(("step", real_step(self, losses)))
+        return events[-1][1]
+
+    def update(self, online, m):
+        events.append(("update", m))
+        return real_update(self, online, m)
+    for name, fn in (("collate_views", collate), ("box_contrastive_loss", loss)):
+        monkeypatch.setattr(alignDet, name, fn)
+    monkeypatch.setattr(alignDet.BoxDomainModel, "forward", forward)
+    monkeypatch.setattr(alignDet.EmaTeacher, "update", update)
+    monkeypatch.setattr(Run, "step", step)
+    out = str(tmp_path / "run")
+    cli.run(alignDet.main, alignDet.get_args_parser(), [
+        *AD, *shapes, "--detector", "fcos", "--batch-size", "1", "--backbone-weights", "scratch", "--align-proposals",
+        proposal_file, "--max-iters", "3", "--skip-nonfinite", "1", "--align-temperature", "0.3",
+        "--align-contrast-weight", "2", "--align-ema", "0.9", "--output-dir", out])
+
+    def m(it):
+        return 1 - 0.1 * (math.cos(math.pi * it / 40) + 1) / 2
+    assert events == [("step", True), ("update", pytest.approx(m(0))), ("step", False), ("step", True),
+                      ("update", pytest.approx(m(2)))]
+    assert len(batches) == 3 and len(forwards) == 6 and len(losses_in) == 3
+    views_differ = False
+    for it, (images1, _, images2, _) in enumerate(batches):
+        (train1, seen1, (q, q_ids, _)), (train2, seen2, (k, k_ids, _)) = forwards[2 * it: 2 * it + 2]
+        assert train1 and not train2
+        assert torch.equal(seen1[0], images1[0].float() / 255) and torch.equal(seen2[0], images2[0].float() / 255)
+        views_differ |= images1[0].shape != images2[0].shape or not torch.equal(images1[0], images2[0])
+        queries, query_ids, keys, key_ids, temperature = losses_in[it]
+        assert queries is q and query_ids is q_ids and keys is k and key_ids is k_ids and temperature == 0.3
+        assert queries.requires_grad and not keys.requires_grad
+    assert views_differ  # so the image checks above can tell the views apart
+    logged = iteration_losses(out, "loss_contrast")
+    assert sorted(logged) == [1, 3]  # the skipped step is not logged
+    for it in (1, 3):
+        args = [a.detach() if torch.is_tensor(a) else a for a in losses_in[it - 1]]
+        assert logged[it] == pytest.approx(2 * real_loss(*args).item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("detector, trained, dropped", [
@@ -210,8 +578,11 @@ def test_dense_detectors_pretrain_and_transfer(shapes, tmp_path, detector, train
                       "--align-proposal-method", "random", "--data-cache", str(tmp_path / "cache"), "--max-iters", "1",
                       "--batch-size", "1", "--output-dir", out)
     assert "generating" in proc.stdout and os.path.isfile(tmp_path / "cache" / "proposals" / "train_random.json")
-    losses = iteration_losses(out, "loss_contrast")
-    assert len(losses) == 1 and all(v > 0 for v in losses.values())
+    # each detector's own terms are logged, and the logged total is their sum
+    terms = {"retinanet": ("loss_reg", "loss_contrast"), "fcos": ("loss_reg", "loss_ctr", "loss_contrast")}[detector]
+    record = [json.loads(line) for line in open(f"{out}/log.txt") if '"epoch"' not in line]
+    assert len(record) == 1 and set(record[0]) == {"iteration", "loss", "lr", "time", *terms}, record
+    assert record[0]["loss"] == pytest.approx(sum(record[0][k] for k in terms), abs=1e-5)
     model = build_detector(detector, 5, "resnet18")
     report, meta = checkpoint.load_pretrained(model, f"{out}/model_final.pth")
     for part in ("backbone", *trained):
