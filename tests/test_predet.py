@@ -1,4 +1,5 @@
-"""predet.py: the CRPN/CROI cores on hand-made tensors, view geometry, exact resume, transfer to finetune.py."""
+"""predet.py: L_cls, the CRPN and CROI losses and proposals on hand-made tensors against the paper's formulas, the
+forward's view wiring, view geometry, the export, exact resume, transfer to finetune.py."""
 import json
 import math
 import re
@@ -484,7 +485,9 @@ def test_croi_loss_one_positive_per_query_negatives_away_from_every_query(model,
         assert roi_pool.calls[-1][2] == [(100, 160)] * 2
 
 
-def test_croi_negatives_are_at_most_predet_neg_per_image(model, swap):
+def test_croi_positive_and_at_most_predet_neg_negatives_are_drawn_at_random_per_image(model, swap):
+    """The positive is drawn among the proposals with IoU > 0.5 (not always the best one, the query itself: its
+    regression target would be 0); P_neg is a random subset of --predet-neg, not the first (highest-scoring)."""
     swap(model.args, "predet_neg", 16)
     swap(model, "croi", BoxFeatures())
     roi_pool = Fixed(lambda feats, boxes, shapes: torch.cat(boxes))
@@ -493,11 +496,15 @@ def test_croi_negatives_are_at_most_predet_neg_per_image(model, swap):
     near = [[12., 10., 52., 50.], [10., 14., 50., 54.]]  # IoU > 0.5: candidates for the positive, never negatives
     far = [[60. + 3 * i, 60., 90. + 3 * i, 90.] for i in range(40)]
     proposals = [torch.tensor([query, *near, *far]), torch.tensor([query, *near, *far[:5]])]
-    model.croi_step({"0": None}, torch.zeros(2, 4), [torch.tensor([query])] * 2, proposals, (100, 200), {})
+    torch.manual_seed(0)
+    for _ in range(6):
+        model.croi_step({"0": None}, torch.zeros(2, 4), [torch.tensor([query])] * 2, proposals, (100, 200), {})
     for rois, n_neg in zip(roi_pool.calls[0][1], (16, 5)):
         assert rois[0].tolist() in [query, *near] and len(rois) == 1 + n_neg
         negatives = rois[1:].tolist()
         assert len({tuple(b) for b in negatives}) == n_neg and all(b in far for b in negatives)
+    assert len({tuple(call[1][0][0].tolist()) for call in roi_pool.calls}) > 1  # the positive varies
+    assert len({tuple(b) for call in roi_pool.calls for b in call[1][0][1:].tolist()}) > 16  # so do the negatives
 
 
 # ---- the model's wiring, the ablation's boxes, the export
@@ -513,7 +520,8 @@ def test_forward_looks_up_view_2s_queries_in_view_1_and_classifies_both_views(mo
                 for k, s in zip(("0", "1", "2", "3", "pool"), (4, 8, 16, 32, 64))}
     swap(model, "backbone", Fixed(features))
     cls_loss = Fixed(lambda levels, targets: torch.zeros(()))
-    roi_pool = Fixed(lambda feats, boxes, shapes: torch.zeros(sum(map(len, boxes)), 256, 7, 7))
+    pooled = torch.zeros(3 + 1, 256, 7, 7)  # f_q of the batch's 1 + 2 queries, then 1 row nobody should take
+    roi_pool = Fixed(lambda feats, boxes, shapes: pooled[:sum(map(len, boxes))])
     crpn_step = Fixed(lambda view1, f1, fq, queries1, losses, with_proposals: [torch.full((3, 4), 7.0)] * B)
     croi_step = Fixed(lambda f1, fq, queries1, proposals, size, losses: None)
     swap(model, "roi_pool", roi_pool)
@@ -531,9 +539,20 @@ def test_forward_looks_up_view_2s_queries_in_view_1_and_classifies_both_views(mo
     assert shapes == [(64, 96)] * B
     v1, f1, fq, queries1, _, with_proposals = crpn_step.calls[0]
     assert v1 is view1 and all((f == 0).all() for f in f1.values()) and queries1 is q1 and with_proposals
+    assert fq.data_ptr() == pooled.data_ptr() and len(fq) == 3
     f1, fq, queries1, proposals, size, _ = croi_step.calls[0]
-    assert all((f == 0).all() for f in f1.values()) and queries1 is q1 and size == (64, 96)
+    assert all((f == 0).all() for f in f1.values()) and queries1 is q1 and size == (64, 96) and len(fq) == 3
     assert [p.tolist() for p in proposals] == [[[7.] * 4] * 3 + q.tolist() for q in q1]
+
+    # --predet-no-crpn: the CROI head sees 4 jittered copies of each query and K_nms random boxes, plus the queries
+    swap(model, "crpn", None)
+    swap(model.args, "predet_post_nms", 5)
+    model(view1, view2, q1, q2, cls_targets)
+    assert len(crpn_step.calls) == 1
+    proposals = croi_step.calls[1][3]
+    for p, q in zip(proposals, q1):
+        assert p.shape == (4 * len(q) + 5 + len(q), 4) and p[-len(q):].tolist() == q.tolist()
+        assert (p >= 0).all() and (p[:, 0::2] <= 96).all() and (p[:, 1::2] <= 64).all()
 
 
 def test_jittered_and_random_boxes_move_each_query_by_at_most_10_percent():
