@@ -1,4 +1,5 @@
-"""predet.py: the CRPN/CROI cores on hand-made tensors, view geometry, exact resume, transfer to finetune.py."""
+"""predet.py: L_cls, the CRPN and CROI losses and proposals on hand-made tensors against the paper's formulas, the
+forward's view wiring, view geometry, the export, exact resume, transfer to finetune.py."""
 import json
 import math
 import re
@@ -6,6 +7,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchvision import tv_tensors
 
 import predet
@@ -22,6 +24,93 @@ def parse(*flags):
     args = predet.get_args_parser().parse_args(list(flags))
     predet.check_args(args, torch.device("cpu"))
     return args
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny PreDet with every loss on (3 classes); tests swap its parts and settings with ``swap``."""
+    torch.manual_seed(0)
+    return predet.PreDet(parse("--backbone", "resnet18", "--anchor-scale", "0.5", "--predet-dim", "8"), num_classes=3)
+
+
+@pytest.fixture
+def swap():
+    """swap(obj, name, value): setattr undone after the test. (pytest's monkeypatch deletes, instead of
+    restoring, an nn.Module's parameters and sub-modules, which live outside the instance's __dict__.)"""
+    undo = []
+
+    def set_value(obj, name, value):
+        kept = isinstance(obj, nn.Module) and (name in obj._modules or name in obj._parameters)
+        undo.append((obj, name, getattr(obj, name) if kept or name in vars(obj) else None))
+        setattr(obj, name, value)
+    yield set_value
+    for obj, name, old in reversed(undo):
+        if old is None:  # an instance attribute over a method of the class
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+
+
+# ---- independent re-derivations (plain Python) of the paper's box arithmetic
+def iou(a, b):
+    """IoU of two XYXY boxes."""
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def encode(target, ref, weights):
+    """Faster R-CNN's Eq. 2: the deltas that move box ``ref`` onto box ``target``, times (wx, wy, ww, wh)."""
+    (rw, rh), (tw, th) = (ref[2] - ref[0], ref[3] - ref[1]), (target[2] - target[0], target[3] - target[1])
+    return [weights[0] * ((target[0] + tw / 2) - (ref[0] + rw / 2)) / rw,
+            weights[1] * ((target[1] + th / 2) - (ref[1] + rh / 2)) / rh,
+            weights[2] * math.log(tw / rw), weights[3] * math.log(th / rh)]
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+class Fixed(nn.Module):
+    """Stands in for a sub-network: records its inputs, returns what ``fn`` makes of them."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.calls = fn, []
+
+    def forward(self, *inputs, **named):
+        self.calls.append(inputs + tuple(named.values()))
+        return self.fn(*inputs, **named)
+
+
+# ---- classification loss
+def test_cls_loss_is_softmax_ce_on_the_normalised_k_hot_target_averaged_over_levels(model, swap):
+    """PreDet sec. 3.1: multi-label CE of Mahajan et al. (softmax against the k-hot target / its sum) from one
+    head shared by every FPN level, the average over levels; images without a label are left out."""
+    torch.manual_seed(1)
+    weight, bias = torch.randn(3, 256) * 0.3, torch.tensor([0.2, -0.4, 0.1])
+    swap(model.cls_head, "weight", nn.Parameter(weight))
+    swap(model.cls_head, "bias", nn.Parameter(bias))
+    levels = [torch.randn(4, 256, h, w, requires_grad=True) for h, w in ((4, 6), (2, 3), (1, 2))]  # non-square
+    targets = torch.tensor([[1., 0., 1.], [0., 1., 0.], [0., 0., 0.], [1., 1., 1.]])  # image 2: no label
+    loss = model.cls_loss(levels, targets)
+
+    per_level = []
+    for x in levels:
+        h, w = x.shape[-2:]
+        ce = []
+        for n, y in enumerate(targets.tolist()):
+            if sum(y) == 0:
+                continue
+            pooled = [sum(row) / (h * w) for row in x[n].flatten(1).tolist()]  # global average pool, [256]
+            logits = [sum(wc * p for wc, p in zip(wk, pooled)) + bk for wk, bk in zip(weight.tolist(), bias.tolist())]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            ce.append(-sum(yk / sum(y) * (v - log_z) for yk, v in zip(y, logits)))
+        per_level.append(sum(ce) / len(ce))
+    assert loss.item() == pytest.approx(sum(per_level) / len(per_level), rel=1e-5)
+    loss.backward()
+    for x in levels:  # the image without labels gets no gradient, the others do
+        assert (x.grad[2] == 0).all() and all(x.grad[n].abs().sum() > 0 for n in (0, 1, 3))
+    assert model.cls_loss(levels, torch.zeros(4, 3)).item() == 0  # a batch without labels: nothing to learn
 
 
 # ---- CRPN
@@ -76,7 +165,8 @@ def view_levels(model, h, w):
 
 
 def test_crpn_anchors_tile_the_whole_view_at_every_level():
-    model = predet.PreDet(parse("--anchor-scale", "0.5"), num_classes=5)  # sizes 16..256, ratios 0.5, 1, 2
+    # anchor sides 16..256, ratios 0.5, 1, 2
+    model = predet.PreDet(parse("--backbone", "resnet18", "--anchor-scale", "0.5", "--predet-dim", "8"), num_classes=5)
     h, w = 128, 192  # non-square, so that a swapped axis cannot pass
     view, levels = view_levels(model, h, w)
     anchors = model.view_anchors(view, levels)[0]
@@ -94,7 +184,7 @@ def test_crpn_anchors_tile_the_whole_view_at_every_level():
 
 
 def test_a_query_anywhere_in_the_view_gets_positive_anchors_on_it():
-    model = predet.PreDet(parse(), num_classes=5)
+    model = predet.PreDet(parse("--backbone", "resnet18", "--predet-dim", "8"), num_classes=5)
     view, levels = view_levels(model, 128, 192)
     anchors = model.view_anchors(view, levels)[0]
     for query in ([150., 90., 182., 122.], [4., 100., 36., 124.], [100., 8., 164., 72.], [60., 40., 124., 104.]):
@@ -109,7 +199,7 @@ def test_a_query_anywhere_in_the_view_gets_positive_anchors_on_it():
 def test_crpn_scores_are_ordered_like_the_anchors():
     """A feature that is non-zero at one place of one level scores exactly the anchors centred there."""
     torch.manual_seed(0)
-    model = predet.PreDet(parse("--predet-dim", "4"), num_classes=5)
+    model = predet.PreDet(parse("--backbone", "resnet18", "--predet-dim", "4"), num_classes=5)
     crpn = model.crpn
     with torch.no_grad():  # the 3x3 conv passes channel 0 through, each anchor's D features = channel 0
         crpn.conv[0][0].weight.zero_()
@@ -130,6 +220,177 @@ def test_crpn_scores_are_ordered_like_the_anchors():
         assert len(hit) == 3, level  # the A = 3 anchors of that place
         centres = (hit[:, :2] + hit[:, 2:]) / 2
         assert centres.tolist() == [[x * stride, y * stride]] * 3, level
+
+
+# ---- CRPN losses and proposals on controlled scores and deltas
+def crpn_inputs(query_counts, h, w):
+    """view 1 [B, 3, h, w], its P2-P6 features (zeros: only their sizes matter here) and f_q (zeros)."""
+    B = len(query_counts)
+    f1 = {k: torch.zeros(B, 256, h // s, w // s) for k, s in zip(("0", "1", "2", "3", "pool"), (4, 8, 16, 32, 64))}
+    return torch.zeros(B, 3, h, w), f1, torch.zeros(sum(query_counts), 256, 7, 7)
+
+
+def decode(d, ref):
+    """Faster R-CNN's Eq. 2 inverted (weights 1): box ``ref`` moved by deltas ``d``."""
+    w, h = ref[2] - ref[0], ref[3] - ref[1]
+    cx, cy = ref[0] + w / 2 + d[0] * w, ref[1] + h / 2 + d[1] * h
+    w, h = w * math.exp(d[2]), h * math.exp(d[3])
+    return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+
+
+def test_crpn_loss_scores_each_anchor_for_its_max_iou_query(model, swap):
+    """PreDet sec. 3.2.1: each anchor takes its max-IoU query; positive > 0.7, negative < 0.3; BCE on the score of
+    the (anchor, that query) pair, L1 regression of positives onto that query (Faster R-CNN's Eq. 2, weights 1);
+    both summed over the batch's sampled anchors and divided by their number (d2's RPN)."""
+    queries = [torch.tensor([[10., 20., 50., 40.], [46., 10., 66., 70.]]), torch.tensor([[150., 78., 170., 92.]])]
+    anchors = torch.tensor([[12., 20., 52., 40.],    # IoU .905 with q0 (.064 with q1): positive, q0
+                            [16.5, 20., 56.5, 40.],  # .720 with q0: positive (just above 0.7)
+                            [17.6, 20., 57.6, 40.],  # .681 with q0: ignored (just below 0.7)
+                            [32.5, 20., 72.5, 40.],  # .280 with q0, .250 with q1: negative of q0 (just below 0.3)
+                            [30.5, 20., 70.5, 40.],  # .322 with q0: ignored (just above 0.3)
+                            [46., 14., 66., 74.],    # .875 with q1 (.042 with q0): positive, q1
+                            [40., 30., 80., 90.],    # .286 with q1 (.032 with q0): negative of q1
+                            [150., 80., 170., 90.]])  # image 0: no overlap, negative; image 1: .714, positive
+    torch.manual_seed(0)
+    scores, deltas = torch.randn(2, 2, 8), torch.randn(2, 2, 8, 4) * 0.3
+    scores[0, :, 7] = 0.4  # overlaps no query of image 0: its random query must not change the loss
+    scores[1, 1], deltas[1, 1] = 30.0, 30.0  # image 1 has one query: row 1 is padding and must never count
+    scores.requires_grad_()
+    deltas.requires_grad_()
+    crpn = Fixed(lambda levels, fq: (scores, deltas))
+    swap(model, "crpn", crpn)
+    swap(model, "view_anchors", lambda view1, levels: [anchors, anchors])
+    view1, f1, fq = crpn_inputs([2, 1], 96, 160)
+    losses = {}
+    assert model.crpn_step(view1, f1, fq, queries, losses, with_proposals=False) == []
+    assert crpn.calls[0][1].shape == (2, 2, 256 * 7 * 7)  # f_q padded per image to the most queries
+
+    labels, cls_sum, reg_sum, sampled, grad_at = [], 0.0, 0.0, 0, set()
+    for b, qs in enumerate(queries):
+        labels.append([])
+        for n, a in enumerate(anchors.tolist()):
+            ious = [iou(a, q) for q in qs.tolist()]
+            m = ious.index(max(ious))
+            label = 1 if max(ious) > 0.7 else 0 if max(ious) < 0.3 else -1
+            labels[-1].append(label)
+            if label < 0:
+                continue
+            sampled += 1
+            s = scores[b, m, n].item()
+            cls_sum += softplus(-s) if label else softplus(s)  # BCE with logits
+            if max(ious) > 0 or len(qs) == 1:  # else a random query
+                grad_at.add((b, m, n))
+            if label:
+                target = encode(qs[m].tolist(), a, (1, 1, 1, 1))
+                reg_sum += sum(abs(d - t) for d, t in zip(deltas[b, m, n].tolist(), target))
+    assert labels == [[1, 1, -1, 0, -1, 1, 0, 0], [0, 0, 0, 0, 0, 0, 0, 1]]  # the design above, both sides probed
+    assert losses["loss_crpn_cls"].item() == pytest.approx(cls_sum / sampled, rel=1e-5)
+    assert losses["loss_crpn_reg"].item() == pytest.approx(reg_sum / sampled, rel=1e-5)
+    (losses["loss_crpn_cls"] + losses["loss_crpn_reg"]).backward()
+    # the gradient reaches exactly the (image, matched query, anchor) pairs of the sampled anchors
+    unambiguous = torch.ones(2, 2, 8, dtype=torch.bool)
+    unambiguous[0, :, 7] = False
+    assert {tuple(i) for i in (scores.grad != 0).nonzero().tolist() if unambiguous[tuple(i)]} == grad_at
+    assert (scores.grad[0, :, 7] != 0).sum() == 1
+    assert {tuple(i) for i in (deltas.grad != 0).any(3).nonzero().tolist()} == {(0, 0, 0), (0, 0, 1), (0, 1, 5),
+                                                                                (1, 0, 7)}
+
+
+def test_crpn_loss_samples_128_positives_128_negatives_and_divides_by_the_sampled(model, swap):
+    """PreDet sec. 3.2.1: 128 positive and 128 negative anchors per image (negatives fill in for missing
+    positives, d2); the losses are the sums over the sampled anchors of the batch / their number."""
+    query, far = [10., 10., 50., 50.], [200., 200., 240., 240.]
+    anchors = [torch.tensor([query] * 100 + [far] * 1200), torch.tensor([query] * 300 + [far] * 1000)]
+    s, d = 0.3, [0.1, -0.2, 0.3, 0.05]  # the same score and deltas everywhere: which anchors are drawn cannot matter
+    swap(model, "crpn", Fixed(lambda levels, fq: (torch.full((2, 1, 1300), s),
+                                                                  torch.tensor(d).expand(2, 1, 1300, 4))))
+    swap(model, "view_anchors", lambda view1, levels: anchors)
+    view1, f1, fq = crpn_inputs([1, 1], 96, 160)
+    losses = {}
+    model.crpn_step(view1, f1, fq, [torch.tensor([query])] * 2, losses, with_proposals=False)
+    n_pos, n_neg = 100 + 128, 156 + 128  # image 0: its 100 positives + 156 negatives; image 1: 128 + 128
+    assert losses["loss_crpn_cls"].item() == pytest.approx((n_pos * softplus(-s) + n_neg * softplus(s)) / 512,
+                                                           rel=1e-5)
+    # positives sit on the query: target 0, L1 = sum |d|
+    assert losses["loss_crpn_reg"].item() == pytest.approx(n_pos * sum(map(abs, d)) / 512, rel=1e-5)
+
+
+def test_crpn_loss_keeps_each_querys_best_anchor_unless_told_not_to(model, swap):
+    """Low-quality matches (d2's RPN, the default): a query whose best anchor reaches only IoU .606 still gets it
+    as a positive; --predet-crpn-no-low-quality applies the paper's literal > 0.7 rule (that anchor ignored)."""
+    query, anchors = [10., 10., 50., 50.], torch.tensor([[10., 10., 50., 76.], [200., 200., 240., 240.]])
+    d = [0.1, -0.2, 0.3, 0.05]
+    swap(model, "crpn", Fixed(lambda levels, fq: (torch.zeros(1, 1, 2), torch.tensor(d).expand(1, 1, 2, 4))))
+    swap(model, "view_anchors", lambda view1, levels: [anchors])
+    view1, f1, fq = crpn_inputs([1], 96, 160)
+    losses = {}
+    model.crpn_step(view1, f1, fq, [torch.tensor([query])], losses, with_proposals=False)
+    target = encode(query, anchors[0].tolist(), (1, 1, 1, 1))
+    assert losses["loss_crpn_reg"].item() == pytest.approx(sum(abs(a - b) for a, b in zip(d, target)) / 2, rel=1e-5)
+    swap(model.args, "predet_crpn_no_low_quality", True)
+    model.crpn_step(view1, f1, fq, [torch.tensor([query])], losses, with_proposals=False)
+    assert losses["loss_crpn_reg"].item() == 0 and losses["loss_crpn_cls"].item() == pytest.approx(math.log(2))
+
+
+def test_crpn_proposals_take_the_best_query_per_anchor_then_top_k_and_nms_per_level(model, swap):
+    """PreDet sec. 3.2.1, proposal construction: per anchor the max score over queries and the box moved by THAT
+    query's deltas; top-K per level, NMS per level, K_nms kept; clipped to the (non-square) view, tiny boxes
+    dropped."""
+    swap(model.args, "predet_pre_nms", 3)
+    swap(model.args, "predet_post_nms", 4)
+    assert model.args.predet_nms == 0.7
+    anchors = torch.tensor([[10., 10., 30., 30.],    # level 0 | best q1 (5.0), its deltas -> [12, 10, 32, 30]
+                            [15.4, 10., 35.4, 30.],  # best q0 (4.0): IoU .709 with the box above: suppressed
+                            [15.9, 10., 35.9, 30.],  # best q1 (3.0): IoU .674: kept
+                            [70., 40., 90., 58.],    # 1.0: 4th of its level, beyond top-3
+                            [12., 10., 32., 30.],    # level 1 | 0.5: the same box as level 0's best, kept
+                            [70., 45., 95., 75.],    # 0.4: clipped to the view's height 60 -> [70, 45, 95, 60]
+                            [99.5, 10., 119.5, 30.],  # 0.45: clipped to the view's width 100: 0.5 px wide, dropped
+                            [0., 40., 20., 60.],     # 0.05: 4th of its level
+                            [0., 40., 20., 60.]])    # level 2 | 0.1: 5th overall, beyond K_nms = 4
+    scores = torch.tensor([[2.0, 4.0, 2.5, 1.0, 0.5, 0.4, 0.45, 0.05, 0.1],
+                           [5.0, -1., 3.0, 0.0, 0.2, 0.3, 0.1, 0.0, 0.0]])
+    deltas = torch.zeros(2, 9, 4)
+    deltas[1, 0] = torch.tensor([0.1, 0., 0., 0.])
+    deltas[0, 0] = torch.tensor([0., 0., math.log(2), 0.])  # the losing query's deltas
+    deltas[1, 1] = torch.tensor([0.5, 0., 0., 0.])
+    deltas[0, 2] = torch.tensor([0.3, 0.3, 0.3, 0.3])
+    boxes = model.crpn_proposals(scores, deltas, anchors, [4, 4, 1], (60, 100))  # view: H 60, W 100
+    assert torch.allclose(boxes, torch.tensor([[12., 10., 32., 30.], [15.9, 10., 35.9, 30.], [12., 10., 32., 30.],
+                                               [70., 45., 95., 60.]]), atol=1e-4), boxes
+
+
+def test_crpn_step_proposals_are_each_levels_best_anchor_on_a_non_square_view(model, swap):
+    """The step's proposals, with the real anchors of a 128 x 192 view: top-1 per level picks the one anchor
+    each level scores high, moved by its best query's deltas and clipped to the view; image 1's padded query
+    row never competes."""
+    h, w = 128, 192
+    swap(model.args, "predet_pre_nms", 1)
+    grid = [(h // s, w // s) for s in (4, 8, 16, 32, 64)]
+    offsets = [sum(3 * gh * gw for gh, gw in grid[:level]) for level in range(5)]
+    n = sum(3 * gh * gw for gh, gw in grid)
+    # (level, y, x, deltas): anchor 1 of the three at a place has aspect 1, side 16 x 2^level (anchor scale 0.5)
+    picks = [(0, 5, 47, (0., 0., 0., 0.)), (1, 3, 20, (0.5, -0.25, math.log(2), 0.)), (2, 7, 3, (0., 0., 0., 0.)),
+             (3, 1, 2, (0., 0., 0., 0.)), (4, 1, 1, (0.1, 0., -math.log(4), -math.log(4)))]
+    scores, deltas = torch.full((2, 2, n), -5.0), torch.zeros(2, 2, n, 4)
+    expected = []
+    for level, y, x, d in picks:
+        i = offsets[level] + (y * grid[level][1] + x) * 3 + 1
+        stride, side = 4 * 2 ** level, 16 * 2 ** level
+        anchor = [x * stride - side / 2, y * stride - side / 2, x * stride + side / 2, y * stride + side / 2]
+        box = decode(d, anchor)
+        expected.insert(0, [max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])])  # clipped
+        for b, q in ((0, 1), (1, 0)):
+            scores[b, q, i], deltas[b, q, i] = 10.0 + level, torch.tensor(d)
+        scores[0, 0, i], deltas[0, 0, i] = 9.0 + level, 1.0  # image 0's other query: lower score, other deltas
+    scores[1, 1, offsets[0] + (10 * grid[0][1] + 10) * 3] = 50.0  # image 1's padding row
+    swap(model, "crpn", Fixed(lambda levels, fq: (scores, deltas)))
+    view1, f1, fq = crpn_inputs([2, 1], h, w)
+    queries = [torch.tensor([[20., 20., 60., 50.], [100., 30., 140., 90.]]), torch.tensor([[50., 60., 90., 120.]])]
+    proposals = model.crpn_step(view1, f1, fq, queries, {}, with_proposals=True)
+    assert expected[-1] == [180., 12., 192., 28.] and expected[-2] == [144., 0., 192., 32.]  # the right edge
+    for b in range(2):  # highest level first (score 10 + level)
+        assert torch.allclose(proposals[b], torch.tensor(expected), atol=1e-3), (b, proposals[b])
 
 
 # ---- CROI
@@ -155,7 +416,7 @@ def test_info_nce_matches_the_paper_formula_and_pulls_the_positive_up():
 
 
 def test_croi_regression_targets_decode_back_to_the_query():
-    model = predet.PreDet(parse(), num_classes=5)
+    model = predet.PreDet(parse("--backbone", "resnet18", "--predet-dim", "8"), num_classes=5)
     proposals = torch.tensor([[10., 12., 50., 40.], [0., 0., 30., 30.]])
     queries = torch.tensor([[12., 10., 48., 44.], [2., 1., 33., 25.]])
     targets = model.croi_coder.encode_single(queries, proposals)
@@ -164,6 +425,179 @@ def test_croi_regression_targets_decode_back_to_the_query():
     by_hand = torch.stack([model.croi.reg_query(b_q[i]).view(4, -1) @ model.croi.reg_proposal(b_p[i])
                            for i in range(2)])
     assert torch.allclose(model.croi.deltas(b_q, b_p), by_hand, atol=1e-6)
+
+
+class BoxFeatures(nn.Module):
+    """Stands in for the CROI head: a box's 'feature' is its 4 coordinates (b = them, the embedding a fixed
+    smooth function of them, unit length) and the deltas a fixed asymmetric function of (b_q, b_p)."""
+
+    def __init__(self):
+        super().__init__()
+        self.projection = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+
+    def similarity_inputs(self, x):
+        return x, F.normalize(torch.tanh((x / 40 - 1) @ self.projection.T), dim=1)
+
+    def deltas(self, b_q, b_p):
+        return (b_q * torch.tensor([1., 2., 3., 4.]) - b_p) / 100
+
+
+def test_croi_loss_one_positive_per_query_negatives_away_from_every_query(model, swap):
+    """PreDet sec. 3.2.2: per query one positive with IoU > 0.5; P_neg = the image's proposals with IoU < 0.5 to
+    EVERY query; L_info with tau 0.07 and L_croi-reg (smooth L1 of the deltas against the query encoded on the
+    positive, weights (10, 10, 5, 5)), each the mean over the batch's queries."""
+    queries = [torch.tensor([[10., 10., 50., 30.], [60., 20., 80., 80.]]), torch.tensor([[20., 40., 100., 90.]])]
+    p0, p1 = [14., 10., 54., 30.], [60., 38.5, 80., 98.5]  # IoU .818 with q0, .529 with q1 (just above 0.5)
+    p2 = [60., 41., 80., 101.]                           # .481 with q1 (just below 0.5): a negative
+    p4, p5 = [100., 50., 150., 95.], [30., 10., 70., 30.]  # 0 with both; .333 with q0 and .053 with q1
+    r0, r1, r2 = [25., 45., 105., 95.], [0., 0., 40., 30.], [120., 0., 160., 60.]  # image 1: .730, 0, 0
+    proposals = [torch.tensor([p5, p0, p2, p1, p4]), torch.tensor([r1, r0, r2])]
+    positives, negatives = [[p0, p1], [r0]], [[p5, p2, p4], [r1, r2]]
+    for qs, pos, neg in zip(queries, positives, negatives):  # the design above, by the paper's rule
+        assert [iou(p, q) > 0.5 for q, p in zip(qs.tolist(), pos)] == [True] * len(pos)
+        assert all(iou(p, q) < 0.5 for p in neg for q in qs.tolist())
+    head = BoxFeatures()
+    roi_pool = Fixed(lambda feats, boxes, shapes: torch.cat(boxes))  # a box's feature: its coordinates
+    swap(model, "croi", head)
+    swap(model, "roi_pool", roi_pool)
+    fq = torch.cat(queries) + 2  # view 2's query features: tied to the query, not equal to any proposal's
+
+    def embed(box):
+        return head.similarity_inputs(torch.tensor([box]))[1][0].tolist()
+    tau, info, reg, row = 0.07, [], [], 0
+    for qs, pos, neg in zip(queries, positives, negatives):
+        for q, p in zip(qs.tolist(), pos):
+            e_q = embed(fq[row].tolist())
+            s_pos = sum(a * b for a, b in zip(e_q, embed(p)))
+            s_neg = [sum(a * b for a, b in zip(e_q, embed(n))) for n in neg]
+            info.append(-s_pos / tau + math.log(sum(math.exp(s / tau) for s in [s_pos, *s_neg])))
+            pred = head.deltas(fq[row:row + 1], torch.tensor([p]))[0].tolist()
+            reg.append(sum(abs(d - t) for d, t in zip(pred, encode(q, p, (10, 10, 5, 5)))))  # L1 (beta 0)
+            row += 1
+    for seed in range(8):  # the positive and the negatives are drawn at random: the loss must not depend on it
+        torch.manual_seed(seed)
+        losses = {}
+        model.croi_step({"0": None}, fq, queries, proposals, (100, 160), losses)
+        assert losses["loss_info"].item() == pytest.approx(sum(info) / 3, rel=1e-4), seed
+        assert losses["loss_croi_reg"].item() == pytest.approx(sum(reg) / 3, rel=1e-4), seed
+        for rois, pos, neg in zip(roi_pool.calls[-1][1], positives, negatives):  # query order, then P_neg
+            assert rois[:len(pos)].tolist() == pos and sorted(rois[len(pos):].tolist()) == sorted(neg)
+        assert roi_pool.calls[-1][2] == [(100, 160)] * 2
+
+
+def test_croi_positive_and_at_most_predet_neg_negatives_are_drawn_at_random_per_image(model, swap):
+    """The positive is drawn among the proposals with IoU > 0.5 (not always the best one, the query itself: its
+    regression target would be 0); P_neg is a random subset of --predet-neg, not the first (highest-scoring)."""
+    swap(model.args, "predet_neg", 16)
+    swap(model, "croi", BoxFeatures())
+    roi_pool = Fixed(lambda feats, boxes, shapes: torch.cat(boxes))
+    swap(model, "roi_pool", roi_pool)
+    query = [10., 10., 50., 50.]
+    near = [[12., 10., 52., 50.], [10., 14., 50., 54.]]  # IoU > 0.5: candidates for the positive, never negatives
+    far = [[60. + 3 * i, 60., 90. + 3 * i, 90.] for i in range(40)]
+    proposals = [torch.tensor([query, *near, *far]), torch.tensor([query, *near, *far[:5]])]
+    torch.manual_seed(0)
+    for _ in range(6):
+        model.croi_step({"0": None}, torch.zeros(2, 4), [torch.tensor([query])] * 2, proposals, (100, 200), {})
+    for rois, n_neg in zip(roi_pool.calls[0][1], (16, 5)):
+        assert rois[0].tolist() in [query, *near] and len(rois) == 1 + n_neg
+        negatives = rois[1:].tolist()
+        assert len({tuple(b) for b in negatives}) == n_neg and all(b in far for b in negatives)
+    assert len({tuple(call[1][0][0].tolist()) for call in roi_pool.calls}) > 1  # the positive varies
+    assert len({tuple(b) for call in roi_pool.calls for b in call[1][0][1:].tolist()}) > 16  # so do the negatives
+
+
+# ---- the model's wiring, the ablation's boxes, the export
+def test_forward_looks_up_view_2s_queries_in_view_1_and_classifies_both_views(model, swap):
+    """PreDet sec. 3.2: f_q is RoI-pooled from view 2 at view 2's query boxes; CRPN and CROI look in view 1 at
+    view 1's boxes; the CROI's proposals are CRPN's plus the queries; L_cls sees both views with their labels."""
+    B = 2
+    view1, view2 = torch.zeros(B, 3, 64, 96), torch.ones(B, 3, 64, 96)
+
+    def features(x):  # every value of image i's maps is x's mean: view 1 -> 0, view 2 -> 1
+        m = x.mean((1, 2, 3))[:, None, None, None]
+        return {k: m.expand(-1, 256, 64 // s, 96 // s)
+                for k, s in zip(("0", "1", "2", "3", "pool"), (4, 8, 16, 32, 64))}
+    swap(model, "backbone", Fixed(features))
+    cls_loss = Fixed(lambda levels, targets: torch.zeros(()))
+    pooled = torch.zeros(3 + 1, 256, 7, 7)  # f_q of the batch's 1 + 2 queries, then 1 row nobody should take
+    roi_pool = Fixed(lambda feats, boxes, shapes: pooled[:sum(map(len, boxes))])
+    crpn_step = Fixed(lambda view1, f1, fq, queries1, losses, with_proposals: [torch.full((3, 4), 7.0)] * B)
+    croi_step = Fixed(lambda f1, fq, queries1, proposals, size, losses: None)
+    swap(model, "roi_pool", roi_pool)
+    for name, fake in (("cls_loss", cls_loss), ("crpn_step", crpn_step), ("croi_step", croi_step)):
+        swap(model, name, fake.forward)  # a method: replaced by an instance attribute, not a sub-module
+    q1, q2 = [torch.tensor([[1., 2., 30., 40.]]), torch.tensor([[3., 4., 50., 60.]] * 2)], \
+        [torch.tensor([[5., 6., 20., 30.]]), torch.tensor([[7., 8., 40., 50.]] * 2)]
+    cls_targets = torch.tensor([[1., 0., 0.], [0., 1., 1.]])
+    model(view1, view2, q1, q2, cls_targets)
+    levels, targets = cls_loss.calls[0]
+    assert len(levels) == 5 and all(x[:, 0, 0, 0].tolist() == [0, 0, 1, 1] for x in levels)
+    assert targets.tolist() == cls_targets.repeat(2, 1).tolist()  # view 1's images, then view 2's
+    feats, boxes, shapes = roi_pool.calls[0]
+    assert all((f == 1).all() for f in feats.values()) and [b.tolist() for b in boxes] == [q.tolist() for q in q2]
+    assert shapes == [(64, 96)] * B
+    v1, f1, fq, queries1, _, with_proposals = crpn_step.calls[0]
+    assert v1 is view1 and all((f == 0).all() for f in f1.values()) and queries1 is q1 and with_proposals
+    assert fq.data_ptr() == pooled.data_ptr() and len(fq) == 3
+    f1, fq, queries1, proposals, size, _ = croi_step.calls[0]
+    assert all((f == 0).all() for f in f1.values()) and queries1 is q1 and size == (64, 96) and len(fq) == 3
+    assert [p.tolist() for p in proposals] == [[[7.] * 4] * 3 + q.tolist() for q in q1]
+
+    # --predet-no-crpn: the CROI head sees 4 jittered copies of each query and K_nms random boxes, plus the queries
+    swap(model, "crpn", None)
+    swap(model.args, "predet_post_nms", 5)
+    model(view1, view2, q1, q2, cls_targets)
+    assert len(crpn_step.calls) == 1
+    proposals = croi_step.calls[1][3]
+    for p, q in zip(proposals, q1):
+        assert p.shape == (4 * len(q) + 5 + len(q), 4) and p[-len(q):].tolist() == q.tolist()
+        assert (p >= 0).all() and (p[:, 0::2] <= 96).all() and (p[:, 1::2] <= 64).all()
+
+
+def test_jittered_and_random_boxes_move_each_query_by_at_most_10_percent():
+    """--predet-no-crpn (Table 1: boxes sampled around each query): 4 copies of each query, centre and size
+    jittered by up to +-10% of its width (x) and height (y), then n random boxes over the view; all clipped."""
+    torch.manual_seed(0)
+    h, w = 100, 160  # non-square view
+    queries = torch.tensor([[20., 30., 60., 40.], [130., 50., 160., 90.]])  # 40 x 10 inside; 30 x 40 at the edge
+    boxes = predet.jittered_and_random(queries, (h, w), 50)
+    assert boxes.shape == (4 * 2 + 50, 4)
+    centres = (boxes[:8, :2] + boxes[:8, 2:]) / 2
+    nearest = (centres[:, None] - (queries[None, :, :2] + queries[None, :, 2:]) / 2).norm(dim=2).argmin(1)
+    assert sorted(nearest.tolist()) == [0] * 4 + [1] * 4  # 4 copies of each query
+    rand = boxes[8:]
+    assert (rand[:, 2:] > rand[:, :2]).all() and rand[:, 2].max() > h  # spread over the width, not the height
+    side = ((rand[:, 2] - rand[:, 0]) * (rand[:, 3] - rand[:, 1])).sqrt() / (h * w) ** 0.5
+    assert (side <= 0.8 + 1e-4).all()
+
+    many = predet.jittered_and_random(queries.repeat(200, 1), (h, w), 10)[:1600]
+    assert (many >= 0).all() and (many[:, 0::2] <= w).all() and (many[:, 1::2] <= h).all()  # clipped to the view
+    edge = many[(many[:, 0] + many[:, 2]) / 2 > 100]
+    assert len(edge) == 800 and (edge[:, 2] == w).any()
+    inner = many[(many[:, 0] + many[:, 2]) / 2 < 100]  # far from the edges: not clipped
+    q, qw, qh = queries[0], 40.0, 10.0
+    for shift, scale in (((inner[:, 0] + inner[:, 2]) / 2 - (q[0] + q[2]) / 2, qw),
+                         ((inner[:, 1] + inner[:, 3]) / 2 - (q[1] + q[3]) / 2, qh),
+                         (inner[:, 2] - inner[:, 0] - qw, qw), (inner[:, 3] - inner[:, 1] - qh, qh)):
+        ratio = shift / scale  # uniform in [-0.1, 0.1]
+        assert ratio.abs().max() <= 0.1 + 1e-5 and ratio.max() > 0.09 and ratio.min() < -0.09
+
+
+def test_export_renames_the_transferable_parts_into_the_detectors_keys(model):
+    """model_final.pth: backbone + FPN, the CRPN's 3x3 conv as rpn.head.conv, the CROI box head as
+    roi_heads.box_head, each under the fine-tune detector's own key; nothing else (heads of the pretext only)."""
+    from common.detectors import build_detector
+    state = predet.export_state(model)
+    detector = build_detector("fasterrcnn", 3, "resnet18", "bn").state_dict()
+    transferable = {k for k in detector if k.startswith(("backbone.", "rpn.head.conv.", "roi_heads.box_head."))}
+    assert set(state) == transferable
+    assert all(state[k].shape == detector[k].shape for k in state)
+    own = model.state_dict()
+    assert torch.equal(state["rpn.head.conv.0.0.weight"], own["crpn.conv.0.0.weight"])
+    box_head = [k for k in own if k.startswith("croi.box_head.")]
+    assert box_head and all(torch.equal(state["roi_heads" + k[4:]], own[k]) for k in box_head)
+    assert all(torch.equal(state[k], own[k]) for k in own if k.startswith("backbone."))
 
 
 # ---- data
@@ -241,7 +675,13 @@ def test_resume_is_exact_and_finetune_loads_the_pretrained_parts(shapes, tmp_pat
     proc = run_script("common.similarity", tmp_path / "ft" / "model_final.pth", "--size", "128", "--images", "2",
                       "--device", "cpu", *shapes, "--output-dir", out)
     table = json.load(open(out / "similarity.json"))
-    assert table["method"] == "finetune" and -1 <= table["medium"]["pearson"] <= 1
+    assert table["method"] == "finetune" and table["images"] == 2
+    # 128-px images: reference sides >= 32 px = 0.25 of the image, so no small (< 0.2) bucket
+    assert "small" not in table and table["medium"]["pairs"] + table["large"]["pairs"] <= 2 * 8 * 9
+    # Two boxes' RoI-pooled features converge as their IoU goes to 1, for any network (the paper's Fig. 5b has
+    # r > 0 for every model): r is clearly positive (here about 0.9 medium, 0.7 large) unless the pairs'
+    # IoUs and similarities are mismatched (r about 0) or the similarity is of the wrong boxes.
+    assert table["medium"]["pearson"] > 0.3 and table["large"]["pearson"] > 0.3, table
     assert (out / "similarity.png").stat().st_size > 0 and "Pearson r(IoU, cosine similarity)" in proc.stdout
 
 
