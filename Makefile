@@ -22,6 +22,23 @@ INIT ?= imagenet
 TORCHRUN = $(PY) -m torch.distributed.run --nnodes=$(NNODES) --node_rank=$(NODE_RANK) \
 	--nproc_per_node=$(NGPU) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
 
+# Up-front checks, one line each, before anything starts (a dry run, make -n, only shows the plan): a COCO-format
+# set at DATA for the targets that read it, and NGPU visible GPUs for the torchrun targets.
+comma := ,
+ifeq ($(findstring n,$(firstword -$(MAKEFLAGS))),)
+ifneq ($(filter finetune compare compare-runs proposals,$(MAKECMDGOALS)),)
+ifeq ($(wildcard $(DATA)/annotations/instances_train2017.json $(DATA)/annotations.json),)
+$(error DATA=$(DATA): no COCO set there (expected annotations/instances_train2017.json with train2017/ and val2017/, or images/ + annotations.json); e.g. make $(firstword $(MAKECMDGOALS)) DATA=/path/to/coco)
+endif
+endif
+ifneq ($(filter finetune compare compare-runs,$(MAKECMDGOALS)),)
+GPUS_VISIBLE := $(if $(CUDA_VISIBLE_DEVICES),$(words $(subst $(comma), ,$(CUDA_VISIBLE_DEVICES))),$(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU'))
+ifneq ($(shell test "$(NGPU)" -le "$(GPUS_VISIBLE)" 2>/dev/null && echo ok),ok)
+$(error NGPU=$(NGPU) processes per node, but $(GPUS_VISIBLE) CUDA GPUs are visible here: set NGPU to this node's GPU count; on a CPU use make demo or python finetune.py (README: CPU configuration))
+endif
+endif
+endif
+
 .PHONY: install test demo demo-first demo-runs compare compare-runs proposals finetune bench clean-venv
 .SECONDARY:  # keep every model_final.pth a pattern rule made on the way (make deletes intermediates otherwise)
 .SECONDEXPANSION:

@@ -17,7 +17,7 @@ and applies the AlignDet fine-tuning protocol (lr x1.5, weight decay x0.5).
     python alignDet.py --backbone-weights PATH   # synthetic set; proposals generated on first use
     python alignDet.py --backbone-weights scratch --align-proposal-method random --backbone resnet18 \
         --preset cpu --anchor-scale 0.5 --rpn-batch-size 64 --roi-batch-size 64 --rpn-post-nms-train 300 \
-        --rpn-post-nms-test 100 --batch-size 4 --iters 30 --warmup-iters 10 --device cpu   # CPU demo
+        --rpn-post-nms-test 100 --batch-size 4 --iters 30 --warmup-iters 10 --workers 2 --device cpu   # CPU demo
     python -m common.proposals --data-path /data/coco --workers 16          # SS proposals, once
     torchrun --standalone --nproc_per_node=8 alignDet.py --data-path /data/coco --detector fasterrcnn
     python finetune.py --data-path /data/coco --detector fasterrcnn --init runs/aligndet/<run>/model_final.pth
@@ -73,7 +73,8 @@ FINETUNE_RECIPE = {"bn": "affine", "trainable_layers": 3, "lr_mult": 1.5, "wd_mu
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="AlignDet box-domain pre-training (neck and heads, frozen backbone)",
-                                     parents=[cli.base_parser()], add_help=add_help)
+                                     parents=[cli.base_parser()], add_help=add_help,
+                                     formatter_class=cli.HelpFormatter)
     add_detector_args(parser, detector="fasterrcnn", backbone="resnet50", bn="frozen", trainable_layers=0)
     parser.set_defaults(rpn_batch_size=4096, roi_batch_size=4096, rpn_post_nms_train=1000)  # official samplers
     g = parser.add_argument_group("optimisation")
@@ -402,6 +403,8 @@ def check_aligndet_args(args):
     if min(args.align_max_proposals, args.align_dim, args.align_dense_samples) < 1 or args.align_temperature <= 0:
         raise cli.UserError("--align-max-proposals, --align-dim, --align-dense-samples and --align-temperature "
                             "must be positive")
+    if not 0 <= args.align_ema <= 1:
+        raise cli.UserError(f"--align-ema {args.align_ema:g}: expected a value in [0, 1] (the base EMA momentum)")
 
 
 def resolve_proposals(args, data):
@@ -465,6 +468,7 @@ def main(args):
 
     # data: the proposal JSON is a COCO instances file whose boxes are the pseudo boxes (labels unused)
     proposal_file = resolve_proposals(args, data)
+    proposals.check_coverage(proposal_file, data.train_ann)  # it lists the images trained on: all of the set
     images = CocoDetection(data.train_images, proposal_file, keep_empty=False, skip_bad_images=args.skip_bad_images)
     print(f"train images with proposals ({proposal_file}): {images.summary()} (images without one are skipped)")
     dataset = TwoViews(images, build_view_transform(args.preset), args.align_max_proposals)

@@ -10,7 +10,7 @@ Mask R-CNN R50-FPN box AP 38.2 (ImageNet 1x) -> 40.0 (P1x + 1x) / 41.5 (P3x + 1x
 
     python direct.py --detector fasterrcnn --backbone resnet18 --direct-size 128 --batch-size 4 \\
         --anchor-scale 0.5 --rpn-batch-size 64 --roi-batch-size 32 --rpn-post-nms-train 300 \\
-        --rpn-post-nms-test 100 --warmup-iters 20 --max-iters 60 --device cpu   # CPU demo, synthetic set
+        --rpn-post-nms-test 100 --warmup-iters 20 --max-iters 60 --workers 2 --device cpu   # CPU demo, synthetic set
     torchrun --standalone --nproc_per_node=8 direct.py --data-path /data/coco --schedule P3x
     torchrun --standalone --nproc_per_node=8 finetune.py --data-path /data/coco \\
         --init runs/direct/maskrcnn_resnet50_448/model_final.pth   # BN frozen, stem+res2 frozen: the paper's fine-tune
@@ -74,7 +74,8 @@ FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Direct detection pre-training of a whole detector",
-                                     parents=[cli.base_parser()], add_help=add_help)
+                                     parents=[cli.base_parser()], add_help=add_help,
+                                     formatter_class=cli.HelpFormatter)
     add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn="bn", trainable_layers=5)
     g = parser.add_argument_group("pre-training")
     g.add_argument("--batch-size", type=int, default=8, help="images per GPU (global batch = NGPU x this)")

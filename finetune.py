@@ -20,7 +20,9 @@ ImageNet weights get the standard recipe (frozen BN, frozen stem + res2), a rand
 trains every stage with plain BN (SyncBN on several GPUs). --protocol common gives every pre-trained init
 the standard recipe instead, for a comparison in which only the weights differ. A flag given on the
 command line (--bn, --trainable-layers, --preset, --lr, --weight-decay, --mask-head-lr-mult) always wins;
-the start-up lines say, for each setting, what was applied and where it came from.
+the start-up lines say, for each setting, what was applied and where it came from. So do --detector,
+--backbone and --box-head: when not given, they are those of --init (its meta), else Mask R-CNN R50-FPN with
+the 4conv1fc head. On a CPU, a run that would take hours says so at start-up (README: CPU configuration).
 
     python finetune.py --init scratch                                   # synthetic set, CPU or 1 GPU
     torchrun --nproc_per_node=8 finetune.py --data-path /data/coco --init runs/direct/<run>/model_final.pth
@@ -41,14 +43,20 @@ from common.loader import aspect_groups, build_eval_loader, build_train_loader
 from common.optim import lr_at, param_groups
 from common.transforms import PRESETS, eval_resize, to_float_batch, train_augment, train_resize
 
+DEFAULT_ARCHITECTURE = {"detector": "maskrcnn", "backbone": "resnet50", "box_head": "4conv1fc"}
 PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
 SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}  # epochs, lr steps (epochs)
 
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Fine-tune a detector from any pre-training and evaluate it",
-                                     parents=[cli.base_parser()], add_help=add_help)
-    add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn=None, trainable_layers=None)
+                                     parents=[cli.base_parser()], add_help=add_help,
+                                     formatter_class=cli.HelpFormatter)
+    add_detector_args(parser, detector=None, backbone=None, bn=None, trainable_layers=None)
+    parser.set_defaults(box_head=None)  # None: --init's (its meta), else DEFAULT_ARCHITECTURE (resolve_architecture)
+    for action in parser._actions:
+        if action.dest in DEFAULT_ARCHITECTURE:
+            action.help += f" (default: --init's, from its meta; else {DEFAULT_ARCHITECTURE[action.dest]})"
     g = parser.add_argument_group("fine-tuning")
     g.add_argument("--init", default="imagenet", help="scratch | imagenet | PATH to a model_final.pth")
     g.add_argument("--init-partial", action="store_true",
@@ -93,12 +101,40 @@ SCRATCH_RECIPE = dict(STANDARD_RECIPE, bn="train", trainable_layers=5,
                       source="a random network: every stage trains, BN in train mode")
 
 
+def resolve_architecture(args, meta):
+    """--detector, --backbone, --box-head: given on the command line, else the checkpoint's (the meta of --init),
+    else DEFAULT_ARCHITECTURE; each printed with where it came from. One exception: PreDet exports R-CNN keys
+    (its meta says fasterrcnn) for a paper that fine-tunes Mask R-CNN, which its recipe's mask-head lr
+    multiplier says: an R-CNN checkpoint whose recipe sets one is fine-tuned as Mask R-CNN."""
+    print(f"architecture for {args.init}:")
+    recipe = meta.get("finetune_recipe", {})
+    for flag, default in DEFAULT_ARCHITECTURE.items():
+        theirs = meta.get(flag)
+        name = f"--{flag.replace('_', '-')}"
+        if getattr(args, flag) is not None:
+            print(f"  {name} {getattr(args, flag)}: given on the command line"
+                  + (f" (the checkpoint's: {theirs})" if theirs else ""))
+        elif flag == "detector" and theirs in ("fasterrcnn", "maskrcnn") and "mask_head_lr_mult" in recipe:
+            args.detector = "maskrcnn"
+            print(f"  {name} maskrcnn: the recipe's (its mask-head lr multiplier is Mask R-CNN's; the "
+                  f"checkpoint's keys, {theirs}, fit it)")
+        elif theirs:
+            setattr(args, flag, theirs)
+            print(f"  {name} {theirs}: the checkpoint's (its meta)")
+        else:
+            setattr(args, flag, default)
+            print(f"  {name} {default}: the default")
+
+
 def resolve_recipe(args, device):
-    """Reads the meta of --init and settles every fine-tuning setting: a flag given on the command line,
-    else the recipe (--protocol), each printed with where it came from. Returns (meta, method, recipe, lr)."""
+    """Reads the meta of --init and settles the architecture (resolve_architecture, then checked) and every
+    fine-tuning setting: a flag given on the command line, else the recipe (--protocol), each printed with
+    where it came from. Returns (meta, method, recipe, lr)."""
     meta = {}
     if args.init not in ("scratch", "imagenet"):
         meta = checkpoint.load(args.init, kind="final")["meta"]
+    resolve_architecture(args, meta)
+    check_detector_args(args, device)
     method = meta.get("method", args.init if args.init in ("scratch", "imagenet") else "checkpoint")
     if method == "scratch":
         recipe = SCRATCH_RECIPE
@@ -141,8 +177,7 @@ def resolve_recipe(args, device):
 def main(args):
     device = dist.init_distributed(args.device, args.dist_timeout)
     cli.check_args(args)
-    check_detector_args(args, device)
-    init_meta, method, recipe, base_lr = resolve_recipe(args, device)
+    init_meta, method, recipe, base_lr = resolve_recipe(args, device)  # checks the detector flags once filled
     dist.seed_everything(args.seed)
     data = resolve_data(args)
     init_name = args.init if method in ("scratch", "imagenet") else \
@@ -194,6 +229,8 @@ def main(args):
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), "
           f"lr {base_lr:g} x0.1 at {lr_steps}, warmup {args.warmup_iters}" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))
+    if not args.eval_only:
+        cli.warn_if_slow_on_cpu(device, max_iters, args.batch_size, args.preset)
     run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
               samples_per_iter=args.batch_size, device=device, method="finetune")
     if args.eval_only:

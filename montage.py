@@ -76,7 +76,8 @@ FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="Montage pre-training of a detector backbone",
-                                     parents=[cli.base_parser()], add_help=add_help)
+                                     parents=[cli.base_parser()], add_help=add_help,
+                                     formatter_class=cli.HelpFormatter)
     g = parser.add_argument_group("pre-training")
     g.add_argument("--backbone", default="resnet50", help="|".join(BACKBONES) + " (plain BatchNorm)")
     g.add_argument("--batch-size", type=int, default=64,
@@ -125,6 +126,9 @@ def check_montage_args(args):
     if not 0 < args.montage_tau <= 1:  # the own label's minimum weight; at 0 an all-0 ERF gives 0 / 0 weights
         raise cli.UserError(f"--montage-tau {args.montage_tau}: expected a value in (0, 1] (the minimum weight of "
                             "a position's own label; 1 = hard labels)")
+    if not 0 <= args.warmup_factor <= 1:
+        raise cli.UserError(f"--warmup-factor {args.warmup_factor:g}: expected a value in [0, 1] (the lr starts at "
+                            "this fraction of the peak)")
     if args.montage_erf_every < 1 or args.montage_erf_batch < 1:
         raise cli.UserError("--montage-erf-every and --montage-erf-batch must be positive")
     lo, hi = args.montage_neg_scale

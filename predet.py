@@ -91,7 +91,7 @@ FINETUNE_RECIPE = {"bn": "train", "trainable_layers": 5, "mask_head_lr_mult": 4.
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="PreDet pre-training", parents=[cli.base_parser()],
-                                     add_help=add_help)
+                                     add_help=add_help, formatter_class=cli.HelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--backbone", default="resnet50", help="|".join(BACKBONES))
     g.add_argument("--box-head", default="4conv1fc", choices=BOX_HEADS, help="CROI box head (transfers)")
@@ -128,10 +128,10 @@ def get_args_parser(add_help=True):
     g.add_argument("--predet-neg", type=int, default=512, help="|P_neg| per image")
     g.add_argument("--predet-tau", type=float, default=0.07)
     g.add_argument("--predet-smooth-l1-beta", type=float, default=0.0)
-    for term, what in (("cls", "L_cls"), ("det", "L_crpn, L_info and L_croi-reg: classification only"),
-                       ("crpn", "L_crpn: the CROI head sees random boxes"), ("croi", "L_info and L_croi-reg"),
+    for term, what in (("cls", "L_cls"), ("det", "L_crpn, L_info and L_croi-reg (classification only)"),
+                       ("crpn", "L_crpn (the CROI head then sees random boxes)"), ("croi", "L_info and L_croi-reg"),
                        ("croi-reg", "L_croi-reg")):
-        g.add_argument(f"--predet-no-{term}", action="store_true", help=f"switch {what} off (Table 1)")
+        g.add_argument(f"--predet-no-{term}", action="store_true", help=f"switch off {what} (Table 1)")
     return parser
 
 

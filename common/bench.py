@@ -31,6 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from common import coco, coco_eval, engine, loader, transforms  # noqa: E402
+from common.cli import HelpFormatter  # noqa: E402
 from common.detectors import build_detector  # noqa: E402
 
 CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--rpn-batch-size", "64",
@@ -251,7 +252,7 @@ def engine_overhead(data, steps=4, rounds=3):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--data", default=os.environ.get("BENCH_DATA") or None,
                    help="a real-image set (folder with images/ + annotations.json, or a COCO root); "
                         "default: the synthetic set")

@@ -16,6 +16,7 @@ import os
 import pickle
 import random
 import re
+import struct
 import tempfile
 
 import numpy as np
@@ -44,18 +45,26 @@ def save(obj, path):
 
 
 def load(path, kind=None):
-    """Loads a checkpoint (weights_only=True) and checks it is of the expected kind ('final'/'train_state')."""
+    """Loads a checkpoint (weights_only=True, memory-mapped; a file in torch's legacy non-zip format, which
+    cannot be, without) and checks it is of the expected kind ('final'/'train_state')."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap can only be used with files saved with" not in str(e) or not _legacy_format(path):
+                raise
+            # torch's legacy (non-zip) format, e.g. torch.save(..., _use_new_zipfile_serialization=False): valid,
+            # but it cannot be memory-mapped
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise UserError(f"{path}: refused: the file holds Python objects other than tensors and plain "
                             "containers (checkpoints are loaded with weights_only=True, so no code in them "
                             "runs)") from None
         raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except (RuntimeError, EOFError, OSError, struct.error) as e:  # struct.error: a truncated legacy-format file
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                         f"{str(e).splitlines()[0][:100]})") from None
     if isinstance(obj, dict) and "kind" not in obj and obj and all(torch.is_tensor(v) for v in obj.values()):
@@ -69,6 +78,14 @@ def load(path, kind=None):
         raise UserError(f"{path} is a model_final.pth (weights only, to start another run from with --init); "
                         "--resume expects a checkpoint_last.pth or checkpoint_<iteration>.pth")
     return obj
+
+
+def _legacy_format(path):
+    """Whether the file starts as torch's legacy format does: a pickled magic number (pickle's LONG1 opcode,
+    10 bytes), after the pickle protocol header (and a frame length from protocol 4 on)."""
+    magic = b"\x8a\x0a" + torch.serialization.MAGIC_NUMBER.to_bytes(10, "little")
+    with open(path, "rb") as f:
+        return magic in f.read(32)
 
 
 def rng_state():

@@ -8,13 +8,16 @@ Category ids are mapped to contiguous labels 1..K in id order; ``cat_ids[label -
 evaluation. Crowd boxes never enter training targets (the evaluator still sees them through the ground
 truth; each record keeps them apart, as 'crowd', for samplers that must avoid them). Fix-ups that COCO
 practice allows are applied and counted in a start-up summary: boxes clipped to the image, boxes with
-negative size or under 1 px dropped, missing 'area'/'iscrowd' filled. Everything else that is wrong in
-an annotation file is a one-line ``UserError`` naming the file and the entry.
+negative size or under 1 px dropped, boxes with a non-finite coordinate (NaN, inf) dropped (from the
+evaluation's ground truth too), missing 'area'/'iscrowd' filled. Everything else that is wrong in an
+annotation file is a one-line ``UserError`` naming the file and the entry. 16-bit grayscale images are
+scaled to 8 bits (v / 257); an image over PIL's pixel limit is a bad image, like an unreadable one.
 """
 import collections
 import contextlib
 import io
 import json
+import math
 import os
 import sys
 
@@ -132,6 +135,9 @@ class CocoDetection(torch.utils.data.Dataset):
         boxes, labels, segms, crowd = [], [], [], []
         for a in anns:
             x, y, bw, bh = a["bbox"]
+            if not all(math.isfinite(v) for v in a["bbox"]):
+                self.stats["boxes with non-finite coordinates (dropped)"] += 1
+                continue
             if a["iscrowd"]:
                 self.stats["crowd boxes (excluded)"] += 1
                 crowd.append((x, y, x + bw, y + bh))
@@ -170,10 +176,13 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.cat_ids)
 
     def coco_gt(self):
-        """pycocotools ground truth from the annotation file, built once per dataset."""
+        """pycocotools ground truth from the annotation file, built once per dataset, without the boxes that
+        have a non-finite coordinate (dropped from training too; COCOeval would match detections to them)."""
         if self._coco_gt is None:
             self._coco_gt = COCO()
-            self._coco_gt.dataset = load_coco_json(self.ann_file)
+            d = load_coco_json(self.ann_file)
+            d["annotations"] = [a for a in d["annotations"] if all(math.isfinite(v) for v in a["bbox"])]
+            self._coco_gt.dataset = d
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
                 self._coco_gt.createIndex()
         return self._coco_gt
@@ -216,12 +225,17 @@ class CocoDetection(torch.utils.data.Dataset):
 
 
 def read_rgb(path, size, hint=""):
-    """Decodes an image file to a uint8 RGB array HxWx3 (grayscale, CMYK, RGBA, palette converted), checking
-    it against its annotated size (h, w); raises BadImageError naming the file (``hint`` ends the message)."""
+    """Decodes an image file to a uint8 RGB array HxWx3 (grayscale, CMYK, RGBA, palette converted; 16-bit
+    grayscale scaled to 8 bits, v / 257, where PIL's convert would clip it at 255), checking it against its
+    annotated size (h, w); raises BadImageError naming the file (``hint`` ends the message), also for an
+    image over PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, a decompression-bomb guard)."""
     try:
         with Image.open(path) as img:
+            if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):  # 16-bit grayscale ("I": PNG, older PIL)
+                gray = np.asarray(img, dtype=np.float64).clip(0, 65535) / 257
+                img = Image.fromarray(np.round(gray).astype(np.uint8), "L")
             img = img.convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadImageError(f"{path}: cannot read image ({e}){hint}") from None
     h, w = size
     if (img.height, img.width) != (h, w):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from common import checkpoint, dist
 from common.cli import UserError
+from common.loader import skipped_images
 from common.metrics import Meter, RunLog, peak_memory_mb
 
 
@@ -86,6 +87,7 @@ class Run:
         self.meter, self.epoch_meter = Meter(), Meter()
         self.data_time = self.compute_time = 0.0
         self.stop_signal, self.lr = None, 0.0
+        self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if args.resume:
@@ -116,7 +118,9 @@ class Run:
                 bar.update(1)
                 self._after_iteration(it, bar)
                 if it % self.iters_per_epoch == 0 or it == self.max_iters:
-                    record = {"epoch": epoch, "iteration": it, **self.epoch_summary(self.epoch_meter.means())}
+                    self.skipped_images = skipped_images(loader)
+                    record = {"epoch": epoch, "iteration": it, **self.epoch_summary(self.epoch_meter.means()),
+                              "skipped_images": self.skipped_images}
                     if on_epoch_end is not None:
                         record.update(on_epoch_end(epoch) or {})
                     self.log.jsonl(record)
@@ -262,7 +266,7 @@ class Run:
         return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "device_hours": round(wall * world / 3600, 5)}
+                "device_hours": round(wall * world / 3600, 5), "skipped_images": self.skipped_images}
 
     def finish(self, state_dict, meta):
         """Writes model_final.pth ({model, meta}); returns the meta."""

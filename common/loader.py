@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from common import dist
+from common.cli import UserError
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
@@ -31,8 +32,8 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         self.per_rank = -(-num_items // self.world)  # padded by wrapping, as DistributedSampler does
         self.batches_per_epoch = self.per_rank // batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{num_items} items are fewer than one batch of {batch_size} per rank "
-                             f"x {self.world} ranks")
+            raise UserError(f"--batch-size {batch_size}: the training set has {num_items} items, fewer than one "
+                            f"batch of {batch_size} per process x {self.world} processes; lower --batch-size")
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch, start_batch=0):
@@ -106,6 +107,14 @@ class SeededDataset(torch.utils.data.Dataset):
                 with self.bad_images.get_lock():
                     self.bad_images.value += 1
         raise RuntimeError("every image of the dataset failed to load")
+
+
+def skipped_images(loader):
+    """Bad images skipped so far by ``loader``'s SeededDataset, summed over ranks (collective: every rank
+    calls it); 0 for a loader of another dataset. The count is of skips: an image drawn in two epochs counts
+    twice."""
+    counter = getattr(loader.dataset, "bad_images", None)
+    return sum(dist.all_gather_object(counter.value if counter is not None else 0))
 
 
 def collate_detection(batch):

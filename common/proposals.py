@@ -20,7 +20,8 @@ image_id, bbox: [x, y, w, h], category_id: 1, score}], "categories": [{id: 1, na
 an image's annotations are in descending score order. It is also a valid instances file.
 Images are processed in shards by ``--workers`` processes; each finished shard is written atomically to
 ``<out>.parts/``, so an interrupted run continues where it stopped (same command); the final file is
-written atomically and the parts are then removed. OpenCV's selective search is randomised (its own
+written atomically and the parts are then removed; Ctrl-C stops with one line saying so (exit status 130).
+OpenCV's selective search is randomised (its own
 RNG, not seedable from Python): SS files are not bit-reproducible, as the AlignDet author warns.
 """
 import argparse
@@ -29,6 +30,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -158,6 +160,17 @@ def process_shard(job):
     return len(images)
 
 
+def worker_pool(processes):
+    """A spawn Pool whose workers ignore SIGINT from their start (an ignored signal stays ignored across exec,
+    and Python then installs no KeyboardInterrupt handler): Ctrl-C reaches the whole process group, and only
+    this process should stop, once (generate's caller says so), terminating the pool."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return multiprocessing.get_context("spawn").Pool(processes)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def atomic_write_json(obj, path):
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
     try:
@@ -200,7 +213,7 @@ def generate(image_dir, ann_file, out, settings, workers=1, shard_size=64):
     with tqdm(total=len(images), initial=done, desc=f"proposals ({settings['method']})", dynamic_ncols=True,
               mininterval=1 if sys.stderr.isatty() else 30) as bar:
         if workers > 1 and len(todo) > 1:
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(todo))) as pool:
+            with worker_pool(min(workers, len(todo))) as pool:
                 for n in pool.imap_unordered(process_shard, todo):
                     bar.update(n)
         else:
@@ -258,9 +271,22 @@ def load_proposals(path, image_ids=None):
     return {i: torch.tensor(boxes[i], dtype=torch.float32).reshape(-1, 4) for i in wanted}
 
 
+def check_coverage(path, ann_file):
+    """Refuses (UserError) a proposal file that lacks images of the training set ``ann_file``: a script that
+    trains on the file's images would otherwise silently train on a fraction of the set. Images listed
+    without a proposal count as covered (they have none)."""
+    listed = {im["id"] for im in load_coco_json(path, require_annotations=False)["images"]}
+    wanted = sorted(im["id"] for im in load_coco_json(ann_file, require_annotations=False)["images"])
+    missing = [i for i in wanted if i not in listed]
+    if missing:
+        raise UserError(f"{path}: covers {len(wanted) - len(missing)} of the {len(wanted)} images of {ann_file} "
+                        f"(no entry for image id {missing[0]}, ...); regenerate it for this image set: python -m "
+                        f"common.proposals <the same data flags> --out {path} --overwrite")
+
+
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(description="Unsupervised proposals (selective search or random) -> COCO JSON",
-                                add_help=add_help)
+                                add_help=add_help, formatter_class=cli.HelpFormatter)
     g = p.add_argument_group("data (the scripts' data flags; default: the synthetic set)")
     g.add_argument("--data-path", default=None, help="COCO root (its train2017 split) or images/ + annotations.json")
     g.add_argument("--train-images", default=None, help="custom COCO-format set: image folder")
@@ -288,8 +314,13 @@ def main(args):
     for flag in ("data_path", "train_images", "train_ann"):
         if getattr(args, flag) is not None and not os.path.exists(getattr(args, flag)):
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
-    if args.topk < 1 or args.shard_size < 1 or not 0 < args.nms_iou <= 1:
-        raise UserError("--topk and --shard-size must be positive and --nms-iou in (0, 1]")
+    for flag in ("topk", "shard_size", "ss_max_side"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected a positive integer")
+    if args.workers < 0:
+        raise UserError(f"--workers {args.workers}: expected 0 or more")
+    if not 0 < args.nms_iou <= 1:
+        raise UserError(f"--nms-iou {args.nms_iou:g}: expected a value in (0, 1]")
     data = resolve_data(argparse.Namespace(val_images=None, val_ann=None, **{
         k: getattr(args, k) for k in ("data_path", "train_images", "train_ann", "data_cache")}))
     out = args.out or default_output(args.data_cache, data.name, args.method)
@@ -301,7 +332,12 @@ def main(args):
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     settings = {"method": args.method, "topk": args.topk, "nms_iou": args.nms_iou,
                 "ss_max_side": args.ss_max_side if args.method == "ss" else None, "seed": args.seed}
-    info = generate(data.train_images, data.train_ann, out, settings, args.workers, args.shard_size)
+    try:
+        info = generate(data.train_images, data.train_ann, out, settings, args.workers, args.shard_size)
+    except KeyboardInterrupt:
+        print(f"interrupted (Ctrl-C): the finished shards are kept in {out}.parts; run the same command to "
+              "continue", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
     print(f"wrote {out}: {info['proposals']} proposals for {info['images']} images "
           f"({info['proposals'] / max(info['images'], 1):.1f} per image); fallback filter used for "
           f"{info['images_with_fallback_filter']} images; {info['images_without_proposals']} images without "

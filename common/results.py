@@ -22,6 +22,8 @@ import re
 import statistics
 import sys
 
+from common.cli import HelpFormatter
+
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",
            "AP by seed", "pre-train h", "fine-tune h", "total h", "device", "seeds", "status")
@@ -273,7 +275,8 @@ def write_results(runs_dir, expect=(), out_dir=None, claims=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Collect fine-tuning runs into results.md/.csv/.png")
+    parser = argparse.ArgumentParser(description="Collect fine-tuning runs into results.md/.csv/.png",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("runs_dir")
     parser.add_argument("--expect", nargs="*", default=[], help="run directory names that should exist")
     parser.add_argument("--out", default=None, help="where to write (default: runs_dir)")

@@ -36,7 +36,7 @@ IOU_BINS = torch.arange(0.05, 0.95, 0.1).tolist()  # [lo, lo + 0.1)
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="IoU-vs-feature-similarity correlation of a checkpoint's backbone",
-                                parents=[cli.base_parser()])
+                                parents=[cli.base_parser()], formatter_class=cli.HelpFormatter)
     p.add_argument("checkpoint", help="a model_final.pth of any script of this repo")
     p.add_argument("--size", type=int, default=480, help="images are resized to size x size (PreDet's views)")
     p.add_argument("--images", type=int, default=100, help="validation images to use")

@@ -20,6 +20,8 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from common.cli import HelpFormatter
+
 CATEGORIES = [  # (coco id, name, base RGB colour)
     (1, "disc", (220, 50, 40)),
     (2, "square", (40, 190, 60)),
@@ -160,7 +162,7 @@ def ensure(out_dir, **kwargs):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", default="data/shapes", help="output directory (must not exist)")
     parser.add_argument("--num-train", type=int, default=512)
     parser.add_argument("--num-val", type=int, default=128)
