@@ -6,7 +6,10 @@ distributed tests compare; optionally first plays this process's rank in a plain
 Always recorded, per process: every batch of (index, sample seed) the training sampler yields, and at
 ``Run.finish`` the full training state of the process (the model's state dict, without DDP, and the method's
 extra state: AlignDet's EMA teacher, Montage's ERF label weights) -> ``<output-dir>/rank<R>.pt``, R = this
-process's rank (so that the tests see whether the ranks of one run agree). ``{run}`` in ARGS becomes "ddp".
+process's rank (so that the tests see whether the ranks of one run agree); and the state every rank starts
+from, rank 0's when ``Run`` is created, -> ``<output-dir>/initial.pt`` (the tests measure steps from it;
+with --reference-first it is solo0/initial.pt).
+``{run}`` in ARGS becomes "ddp".
 
 --reference-first (under torchrun): before the distributed run, this process runs the script once more as a
     plain 1-process run (world size 1: no process group, no DDP, no collectives) that plays its rank r, with
@@ -17,7 +20,7 @@ process's rank (so that the tests see whether the ranks of one run agree). ``{ru
     model and the method's extra state start from rank 0's (passed through solo0/initial.pt, taken when
     ``Run`` is created). After one SGD step (no warm-up, no clipping) the distributed run's parameters must be
     the mean of the played ranks', its logged loss their mean, its BN running statistics rank 0's.
-    --solo-args "..." adds arguments to the played runs only.
+    --solo-args="..." adds arguments to the played runs only.
 --ghost-bn N: BatchNorm2d in training mode normalises each consecutive group of N images of a batch with the
     group's own statistics and updates its running statistics from the first group only. That is per-GPU
     BatchNorm over a global batch of which each rank holds N images, with rank 0's running statistics kept
