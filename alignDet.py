@@ -477,10 +477,10 @@ def main(args):
 
     # model: online detector (+ DDP), EMA teacher
     online = build_box_domain_model(args).to(device)
-    teacher = EmaTeacher(online)
     model = online
     if dist.get_world_size() > 1:
         model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+    teacher = EmaTeacher(online)  # after DDP has broadcast rank 0's weights: every rank's teacher starts equal
 
     # optimisation: the 1x schedule, lr scaled linearly from global batch 16
     global_batch = args.batch_size * dist.get_world_size()

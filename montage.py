@@ -394,7 +394,12 @@ def effective_receptive_fields(model, images):
     |d X[:, :, j, k].sum() / d input|, an h x w x H x W tensor (X = the last feature map, B x C' x h x w).
 
     BN uses its running statistics (eval mode), so each image's ERF depends on that image only. With several
-    processes each computes every world-th position and the maps are summed over ranks."""
+    processes each computes every world-th position and the maps are summed over ranks; every rank first takes
+    rank 0's BN statistics (each rank's own batches have moved its copy since DDP last broadcast rank 0's),
+    so that the ERF is the one a single process would compute."""
+    if dist.is_dist():
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
     was_training = model.training
     model.eval()
     x = images.detach().requires_grad_(True)  # B x 3 x H x W
