@@ -110,8 +110,9 @@ def test_labels_outside_1_to_K_are_refused_not_given_a_category(labels, bad):
 def test_dense_detectors_never_emit_label_zero_and_output_zero_changes_nothing(name):
     """RetinaNet / FCOS with K = 3 have K + 1 sigmoid outputs; the label is the output's index, so output 0
     (no class: trained negative everywhere) must never become a detection, nor take a real detection's place.
-    Classifier logits are made constant: class 2 at +3 everywhere, classes 1 and 3 at -8, output 0 at -8
-    (never scoring) or +8 (outscoring class 2 everywhere): the detections must be the same, all class 2."""
+    Classifier logits are made constant: class 2 at -1 everywhere (score 0.27, over the thresholds), classes 1
+    and 3 at -8, output 0 at -8 (never scoring) or +8 (outscoring class 2 everywhere): the detections must be
+    the same, all class 2."""
     torch.manual_seed(0)
     model = build_detector(name, 3, "resnet18", detections_per_img=30).eval()
     cls = model.head.classification_head.cls_logits  # conv with A x (K + 1) channels: anchor a, output k at a(K+1)+k
@@ -120,7 +121,7 @@ def test_dense_detectors_never_emit_label_zero_and_output_zero_changes_nothing(n
     for logit0 in (-8.0, 8.0):
         with torch.no_grad():
             cls.weight.zero_()
-            cls.bias.copy_(torch.tensor([logit0, -8.0, 3.0, -8.0]).repeat(cls.bias.numel() // 4))
+            cls.bias.copy_(torch.tensor([logit0, -8.0, -1.0, -8.0]).repeat(cls.bias.numel() // 4))
             out = model([image])[0]
         assert out["labels"].tolist() == [2] * len(out["labels"]) and len(out["labels"]) == 30, out["labels"]
         outputs.append(out)
