@@ -27,11 +27,20 @@ def to_coco_results(output, image_id, input_size, orig_size, cat_ids):
     """One detector output (in input-image pixels) -> COCO result dicts in original-image pixels.
 
     output: {boxes: Nx4 XYXY, scores: N, labels: N in 1..K[, masks: Nx1xhxw probabilities]}.
+    Label l is category ``cat_ids[l - 1]``. A label outside 1..K raises ValueError: label 0 would
+    otherwise become ``cat_ids[-1]``, the last category, silently (a wrong category, not an error), and
+    dropping it instead would hide a detector that emits labels it was not trained on. The detectors of
+    common.detectors emit 1..K only (R-CNNs drop the background; RetinaNet/FCOS: ForegroundLabelsOnly).
     """
     (h_in, w_in), (h0, w0) = input_size, orig_size
     boxes = output["boxes"].float().cpu() * torch.tensor([w0 / w_in, h0 / h_in, w0 / w_in, h0 / h_in])
     boxes[:, 2:] -= boxes[:, :2]  # -> XYWH
     scores, labels = output["scores"].float().cpu().tolist(), output["labels"].cpu().tolist()
+    bad = sorted({lab for lab in labels if not 1 <= lab <= len(cat_ids)})
+    if bad:
+        raise ValueError(f"detections of image {image_id} have labels {bad} outside 1..{len(cat_ids)} (the "
+                         f"{len(cat_ids)} categories): no category id to give them; the detector's "
+                         "outputs do not match the dataset's classes")
     results = [{"image_id": image_id, "category_id": cat_ids[lab - 1], "bbox": [round(v, 2) for v in box],
                 "score": round(s, 5)} for box, s, lab in zip(boxes.tolist(), scores, labels)]
     if "masks" in output and len(results):

@@ -11,8 +11,10 @@ returns a torchvision detector whose backbone is a ResNet-FPN (``resnet18/34/50/
 Backbone norm modes: ``frozen`` (FrozenBatchNorm2d: statistics and affine fixed, the Direct paper's
 'Fixed'), ``affine`` (statistics fixed, gamma/beta trained), ``bn`` (plain per-GPU BatchNorm),
 ``syncbn`` (SyncBatchNorm across GPUs). ``num_classes`` counts the foreground classes K: labels are
-1..K and every head gets K + 1 outputs (index 0 = background / unused).
+1..K and every head gets K + 1 outputs (index 0 = background / unused). RetinaNet and FCOS never emit
+label 0 (``ForegroundLabelsOnly``).
 """
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
@@ -60,6 +62,33 @@ class PresizedTransform(GeneralizedRCNNTransform):
     def normalize(self, image):  # torchvision's makes mean and std on the device for every image (a host sync)
         mean, std = imagenet_mean_std(image.device, image.dtype)
         return (image - mean[0]) / std[0]
+
+
+class ForegroundLabelsOnly:
+    """Mixin for torchvision's RetinaNet / FCOS built with K + 1 sigmoid outputs: output 0 can never be a label.
+
+    torchvision's dense detectors use the label as the index of the sigmoid output (focal loss one-hot on
+    the label; at inference the label is the output's index). With labels 1..K, output 0 is trained as a
+    negative everywhere and has no class behind it, yet torchvision's postprocess would emit it as label 0
+    whenever its score passed the threshold, and label 0 has no category (COCO export would have to guess).
+    Its logits are set to -inf before torchvision's postprocess, so output 0 scores 0, falls under every
+    score threshold and takes none of the top-k candidate slots: no real (1..K) detection is lost and no
+    detection gets a wrong category. K + 1 outputs are kept (rather than K with shifted labels) so that
+    training, the checkpoints' shapes and AlignDet's heads stay as they are."""
+
+    def postprocess_detections(self, head_outputs, anchors, image_sizes):
+        # head_outputs["cls_logits"]: one [B, HW_l x A, K + 1] tensor per level
+        unused = [logits.index_fill(-1, torch.zeros(1, dtype=torch.long, device=logits.device), float("-inf"))
+                  for logits in head_outputs["cls_logits"]]
+        return super().postprocess_detections(dict(head_outputs, cls_logits=unused), anchors, image_sizes)
+
+
+class DenseRetinaNet(ForegroundLabelsOnly, RetinaNet):
+    """torchvision's RetinaNet that never emits label 0 (same modules and state dict)."""
+
+
+class DenseFCOS(ForegroundLabelsOnly, FCOS):
+    """torchvision's FCOS that never emits label 0 (same modules and state dict)."""
 
 
 def add_detector_args(parser, detector="maskrcnn", backbone="resnet50", bn="frozen", trainable_layers=3):
@@ -152,7 +181,7 @@ def build_detector(name, num_classes, backbone="resnet50", norm="frozen", box_he
     elif name in ("retinanet", "fcos"):
         body = build_backbone(backbone, norm, trainable_layers, imagenet, returned_layers=[2, 3, 4],
                               extra_blocks=LastLevelP6P7(256, 256))
-        model = (RetinaNet if name == "retinanet" else FCOS)(body, k1, **kwargs)
+        model = (DenseRetinaNet if name == "retinanet" else DenseFCOS)(body, k1, **kwargs)
     else:
         raise UserError(f"unknown detector {name!r} (expected one of {', '.join(DETECTORS)})")
     model.transform = PresizedTransform()

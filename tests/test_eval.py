@@ -1,9 +1,13 @@
-"""The evaluator: perfect detections score AP 1, scrambled ones about 0, with original category ids."""
+"""The evaluator: perfect detections score AP 1, scrambled ones about 0, with original category ids; labels map
+to categories exactly, and no detector output can land in a wrong category (label 0 is never cat_ids[-1])."""
+import re
+
 import pytest
 import torch
 
 from common.coco import CocoDetection
 from common.coco_eval import STAT_NAMES, coco_evaluate, faster_coco_eval_available, to_coco_results
+from common.detectors import build_detector
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,49 @@ def test_faster_coco_eval_matches_pycocotools(val_set):
         assert 0.05 < a["AP"] < 0.95
         for k in STAT_NAMES:
             assert a[k] == pytest.approx(b[k], abs=1e-4), k
+
+
+def detections(labels):
+    n = len(labels)
+    return {"boxes": torch.tensor([[10.0, 5.0, 20.0, 15.0]] * n), "scores": torch.linspace(0.9, 0.5, n),
+            "labels": torch.tensor(labels)}
+
+
+def test_labels_map_to_their_category_and_boxes_to_the_original_non_square_image():
+    """Label l -> cat_ids[l - 1]; boxes from a 50 x 100 input to a 100 x 300 original: x x 3, y x 2, as XYWH."""
+    res = to_coco_results(detections([1, 2, 3, 2]), 7, (50, 100), (100, 300), [3, 8, 11])
+    assert [r["category_id"] for r in res] == [3, 8, 11, 8]
+    assert [r["image_id"] for r in res] == [7] * 4
+    assert res[0]["bbox"] == [30.0, 10.0, 30.0, 20.0] and res[0]["score"] == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("labels, bad", [([1, 0, 2], [0]), ([3, 4], [4]), ([-1, 2], [-1])])
+def test_labels_outside_1_to_K_are_refused_not_given_a_category(labels, bad):
+    """Label 0 would index cat_ids[-1], the last category: an error instead of a silently wrong category."""
+    with pytest.raises(ValueError, match=re.escape(f"labels {bad} outside 1..3")):
+        to_coco_results(detections(labels), 7, (50, 100), (100, 300), [3, 8, 11])
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_dense_detectors_never_emit_label_zero_and_output_zero_changes_nothing(name):
+    """RetinaNet / FCOS with K = 3 have K + 1 sigmoid outputs; the label is the output's index, so output 0
+    (no class: trained negative everywhere) must never become a detection, nor take a real detection's place.
+    Classifier logits are made constant: class 2 at -1 everywhere (score 0.27, over the thresholds), classes 1
+    and 3 at -8, output 0 at -8 (never scoring) or +8 (outscoring class 2 everywhere): the detections must be
+    the same, all class 2."""
+    torch.manual_seed(0)
+    model = build_detector(name, 3, "resnet18", detections_per_img=30).eval()
+    cls = model.head.classification_head.cls_logits  # conv with A x (K + 1) channels: anchor a, output k at a(K+1)+k
+    image = torch.rand(3, 64, 96)
+    outputs = []
+    for logit0 in (-8.0, 8.0):
+        with torch.no_grad():
+            cls.weight.zero_()
+            cls.bias.copy_(torch.tensor([logit0, -8.0, -1.0, -8.0]).repeat(cls.bias.numel() // 4))
+            out = model([image])[0]
+        assert out["labels"].tolist() == [2] * len(out["labels"]) and len(out["labels"]) == 30, out["labels"]
+        outputs.append(out)
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(outputs[0][key], outputs[1][key]), key
+    res = to_coco_results(outputs[1], 1, (64, 96), (64, 96), [3, 8, 11])
+    assert {r["category_id"] for r in res} == {8}
