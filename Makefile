@@ -186,7 +186,7 @@ finetune: install
 		--output-dir $(OUT)/finetune/$(DETECTOR)_$(subst /,-,$(INIT)) --resume auto
 
 bench: install
-	$(PY) -m common.bench
+	$(PY) -m tests.bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -22,7 +22,7 @@ and applies the AlignDet fine-tuning protocol (lr x1.5, weight decay x0.5).
     torchrun --standalone --nproc_per_node=8 alignDet.py --data-path /data/coco --detector fasterrcnn
     python finetune.py --data-path /data/coco --detector fasterrcnn --init runs/aligndet/<run>/model_final.pth
 
-Defaults are the official 8 GPUs x 2 images recipe (methods.md §1): SGD momentum 0.9, weight decay 1e-4,
+Defaults are the official 8 GPUs x 2 images recipe (AlignDet's code, configs/selfsup/ and schedule_1x): SGD momentum 0.9, weight decay 1e-4,
 lr 0.02 (R-CNN) / 0.01 (RetinaNet, FCOS) at global batch 16, scaled linearly (lr = 0.02 / 16 * NGPU *
 batch-size), 500-iteration linear warmup, 12 epochs with lr x0.1 after epochs 8 and 11; views with short
 side {640..800}, long side <= 1333; EMA momentum 0.996 -> 1 (cosine); temperature 0.5; 256-d embeddings.
@@ -325,7 +325,7 @@ class BoxDomainModel(nn.Module):
 
 
 def box_contrastive_loss(queries, query_ids, keys, key_ids, temperature=0.5):
-    """AlignDet's box-level contrastive loss (methods.md §1 fact 6), per GPU.
+    """AlignDet's box-level contrastive loss (its official ContrastiveLoss), per GPU.
 
     queries: [Nq, D] online embeddings (carry the gradient), query_ids: [Nq] instance ids (0 = background);
     keys: [Nk, D] teacher embeddings, key_ids: [Nk]. For each id L > 0 among the queries: Q = its m

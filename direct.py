@@ -131,7 +131,9 @@ class ScaleLongSide(v2.Transform):
     """alpha ~ U(lo, hi), then an aspect-keeping resize so that the long side is round(alpha x size):
     the image fits in an (alpha L) x (alpha L) square (mmdet: Resize(img_scale=(L, L), ratio_range,
     keep_ratio=True)). Image 3xHxW -> 3xH'xW' with max(H', W') = round(alpha L); boxes Nx4 scaled.
-    Given to CocoDetection as its load-time ``resize``, which rasterises the masks at H'xW'."""
+    Given to CocoDetection as its load-time ``resize``, which rasterises the masks at H'xW'.
+    Not torchvision's v2.ScaleJitter((L, L), (lo, hi)): it draws the same scale but truncates the size where
+    mmdet rounds it (a long side of 447 px for alpha L = 447.99)."""
 
     def __init__(self, size, scale_range):
         super().__init__()

@@ -1,7 +1,7 @@
 """Montage pre-training: classification pre-training of a detector's backbone on the detection set itself.
 
 "Cheaper Pre-training Lunch: An Efficient Paradigm for Object Detection", Zhou et al., ECCV 2020,
-https://arxiv.org/abs/2004.12178 (no public code; facts and our readings: docs/methods.md section 4).
+https://arxiv.org/abs/2004.12178 (no public code: our readings where the paper is silent are listed below).
 1. Sample extraction, once per dataset + settings, cached in --data-cache/montage/: positives are the
    ground-truth boxes (no crowd, none under --montage-min-box px), each side enlarged by U(0, 0.25) x the
    box size for context and clipped to the image; negatives are random boxes with IoU exactly 0 to every

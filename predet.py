@@ -14,7 +14,7 @@ trains a ResNet-FPN from scratch with L = L_cls + L_crpn + L_info + L_croi-reg, 
 - CROI: proposals (CRPN's top boxes for any query, plus the queries) and the queries go through the same
   box head and FC; InfoNCE on cosine similarities (one positive per query against up to 512 proposals
   away from every query, tau 0.07) and a regression of the positive onto the query from b_q (4xD) . b_p (D).
-There is no official code: this is a from-scratch reading of the paper (../shared/docs/methods.md sec. 2).
+There is no official code: this is a from-scratch reading of the paper (sec. 3.1-3.3, 4.1).
 
 Transfer: model_final.pth holds the backbone, the FPN, the CRPN's 3x3 conv (as ``rpn.head.conv``, the
 same module as torchvision's RPNHead conv) and the box head (as ``roi_heads.box_head``) in the keys of

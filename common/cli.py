@@ -12,6 +12,8 @@ import math
 import os
 import sys
 
+from common import dist
+
 
 class UserError(Exception):
     """An error in the user's input: printed as one line, no traceback."""
@@ -179,10 +181,12 @@ def user_message(exc):
 
 def run(main, parser, argv=None):
     """Parses argv and runs main(args); user errors become one line on stderr and exit status 2. Every
-    reason a run ends early, a crash included (its traceback is still printed), is left in error.txt."""
+    reason a run ends early, a crash included (its traceback is still printed), is left in error.txt.
+    A run that ends normally leaves its process group (torchrun's) like nanoGPT's train.py does."""
     args = parser.parse_args(argv)
     try:
         main(args)
+        dist.cleanup()
     except UserError as e:
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         record_error(args, user_message(e), skipped=isinstance(e, Unavailable))

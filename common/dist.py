@@ -53,6 +53,7 @@ def init_distributed(device="auto", timeout_s=600):
 
 
 def cleanup():
+    """Leaves the process group (at the end of a run; common.cli.run calls it)."""
     if is_dist():
         dist.destroy_process_group()
 
@@ -115,13 +116,3 @@ def reduce_dict(values):
     dist.all_reduce(stacked)
     stacked /= get_world_size()
     return dict(zip(names, stacked))
-
-
-@torch.no_grad()
-def concat_all_gather(tensor):
-    """Concatenates equal-shaped tensors from all ranks along dim 0 (no gradient); identity on one process."""
-    if not is_dist():
-        return tensor
-    out = [torch.empty_like(tensor) for _ in range(get_world_size())]
-    dist.all_gather(out, tensor.contiguous())
-    return torch.cat(out, dim=0)

@@ -39,16 +39,14 @@ import torch
 from torchvision.ops import box_convert, clip_boxes_to_image, nms
 from tqdm import tqdm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from common import cli  # noqa: E402
-from common.cli import UserError  # noqa: E402
-from common.coco import load_coco_json, read_rgb, resolve_data  # noqa: E402
+from common import cli
+from common.cli import UserError
+from common.coco import load_coco_json, read_rgb, resolve_data
 
 MIN_SIZE, MAX_RATIO, MAX_SIZE_RATIO = 32, 3.0, 0.8  # the ratio3size0008 filter
-SS_MAX_SIDE = 500  # px: long side of the copy selective search runs on (methods.md §0)
+# px: long side of the copy selective search runs on (DETReg runs it on a 128x128 copy, SoCo at full size: 500
+# keeps boxes down to the filter's 32 px at a fraction of the full-size cost)
+SS_MAX_SIDE = 500
 
 
 # ---- the filter, NMS and top-K ----
@@ -65,7 +63,7 @@ def filter_mask(boxes, width, height, min_size=MIN_SIZE, max_ratio=MAX_RATIO, ma
     return keep
 
 
-# SoCo's fallback ladder for images the full filter empties (methods.md §0 fact 4)
+# SoCo's fallback ladder for images the full filter empties (SoCo's filter_ss_proposals_json_post_no_prop.py)
 FILTER_RULES = (("full", {}), ("ratio_only", {"max_size_ratio": None}),
                 ("min_size_only", {"max_ratio": None, "max_size_ratio": None}))
 

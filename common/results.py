@@ -161,11 +161,11 @@ def _mean_std(values):
 
 
 def aggregate(rows):
-    """The runs of one row (done) -> one line: mean and std of each number, the seeds, AP by seed. A run
-    that is not done stays a line of its own."""
+    """The runs of one row -> one line: mean and std of each number, the seeds, AP by seed. Runs that are
+    not done share a line only when they stopped for the same reason (e.g. every seed skipped offline)."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["row"], r["run"] if r["status"] != "done" else "done"), []).append(r)
+        groups.setdefault((r["row"], r["status"]), []).append(r)
     out = []
     for members in groups.values():
         members.sort(key=lambda m: (m.get("seed") is None, m.get("seed")))

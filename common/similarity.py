@@ -16,20 +16,16 @@ report says so). Writes similarity.json and similarity.png next to the checkpoin
 import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
 from torchvision.transforms import v2
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from common import checkpoint, cli, dist, proposals  # noqa: E402
-from common.coco import CocoDetection, resolve_data  # noqa: E402
-from common.detectors import build_detector  # noqa: E402
-from common.transforms import normalize  # noqa: E402
+from common import checkpoint, cli, dist, proposals
+from common.coco import CocoDetection, resolve_data
+from common.detectors import build_detector
+from common.transforms import normalize
 
 IOU_BINS = torch.arange(0.05, 0.95, 0.1).tolist()  # [lo, lo + 0.1)
 

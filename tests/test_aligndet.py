@@ -49,7 +49,7 @@ def backbone_file(tmp_path_factory):
 
 # ---- the method core on hand-made inputs ----
 def reference_loss(q, q_ids, k, k_ids, t):
-    """methods.md §1 fact 6, written as loops. Returns (loss, d loss / d q): every query row is its own leaf, the
+    """AlignDet's box-level contrastive loss (its official ContrastiveLoss), written as loops. Returns (loss, d loss / d q): every query row is its own leaf, the
     only tensors that require grad; keys, the K = Q stand-ins and the negatives are built from detached copies."""
     leaves = [row.detach().clone().requires_grad_(True) for row in q]
     frozen_q, k = F.normalize(q.detach(), dim=1), F.normalize(k.detach(), dim=1)

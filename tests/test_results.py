@@ -51,6 +51,7 @@ def test_table_csv_and_plot(tmp_path):
     recipe = {"protocol": "paper", "bn": "affine", "trainable_layers": 3, "lr": 0.03, "weight_decay": 5e-5}
     _run(root, "ft-aligndet-s0", "runs/aligndet/model_final.pth", 0, _results(0.45, 0.25, aligndet, recipe=recipe))
     _run(root, "ft-imagenet-s0", "imagenet", 0, error="skipped: ImageNet weights unavailable offline")
+    _run(root, "ft-imagenet-s1", "imagenet", 1, error="skipped: ImageNet weights unavailable offline")  # one line
     _run(root, "ft-direct-p3x-s0", "runs/direct-p3x/model_final.pth", 0, error="runs/x.jpg: cannot read image")
     _run(root, "ft-predet-s0", "runs/predet/model_final.pth", 0, log=[{"iteration": 3}, {"iteration": 7}])
     os.makedirs(os.path.join(root, "direct-p1x"))  # a pre-training run: not a row
@@ -80,7 +81,7 @@ def test_table_csv_and_plot(tmp_path):
             in body["scratch"])
     # failures are shown as such, never as zeros
     assert body["imagenet"] == ("| imagenet | imagenet | fasterrcnn | resnet18 | ImageNet-1k (torchvision) | ? | n/a "
-                                "| — | — | — | — | — | — | — | — | n/a | — | — | n/a | 0 | skipped: ImageNet weights "
+                                "| — | — | — | — | — | — | — | — | n/a | — | — | n/a | 0,1 | skipped: ImageNet weights "
                                 "unavailable offline |")
     assert body["direct-p3x"].endswith("| failed: runs/x.jpg: cannot read image |")
     assert body["predet"].endswith("incomplete: stopped after iteration 7 |")

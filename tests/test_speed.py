@@ -46,7 +46,7 @@ def test_bf16_autocast_and_channels_last_match_fp32(batch):
 
 def test_bench_emits_every_figure(tmp_path):
     synthetic.generate(str(tmp_path / "cache" / "shapes"), num_train=24, num_val=8, seed=3)
-    run_script("common.bench", "--device", "cpu", "--data-cache", tmp_path / "cache", "--out", tmp_path / "bench",
+    run_script("tests.bench", "--device", "cpu", "--data-cache", tmp_path / "cache", "--out", tmp_path / "bench",
                "--only", "finetune fasterrcnn cpu,loader direct,loader montage,COCO eval")
     rows = {r["name"]: r for r in json.load(open(tmp_path / "bench" / "bench.json"))["rows"]}
     backends = ("pycocotools", "faster") if coco_eval.faster_coco_eval_available() else ("pycocotools",)

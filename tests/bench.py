@@ -1,7 +1,9 @@
 """``make bench``: throughput figures for the scripts, printed as one table and written as JSON.
 
-    python -m common.bench                        # CPU: small configurations, synthetic data
-    python -m common.bench --data ../shared/data/coco128 --device cuda
+    python -m tests.bench                         # CPU: small configurations, synthetic data
+    python -m tests.bench --data DIR --device cuda   # DIR: any COCO-format set (images/ + annotations.json)
+
+It lives beside the tests because, like them, it imports the scripts (common/ never does).
 
 For each training workload (a short run of the real script: fine-tuning for every detector family, then
 Direct, Montage, PreDet and AlignDet at their papers' per-GPU configurations on a GPU, at the demo's on a
@@ -27,12 +29,11 @@ import time
 import cv2
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import coco, coco_eval, engine, loader, transforms
+from common.cli import HelpFormatter
+from common.detectors import build_detector
 
-from common import coco, coco_eval, engine, loader, transforms  # noqa: E402
-from common.cli import HelpFormatter  # noqa: E402
-from common.detectors import build_detector  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--rpn-batch-size", "64",
            "--roi-batch-size", "64", "--rpn-post-nms-train", "300", "--rpn-post-nms-test", "100"]
@@ -41,7 +42,7 @@ CPU_DET = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5",
 # small CPU configurations of the pre-training scripts for the CPU bench rows: the demo's (Makefile: DEMO_*)
 # sizes, but with the papers' 4conv1fc box head where the demo uses 2fc
 CPU_METHODS = {
-    "direct": ["--detector", "fasterrcnn", "--backbone", "resnet18", "--direct-size", "128", "--batch-size", "8",
+    "direct": ["--detector", "fasterrcnn", "--backbone", "resnet18", "--direct-size", "96", "--batch-size", "8",
                "--anchor-scale", "0.5", "--rpn-batch-size", "64", "--roi-batch-size", "32",
                "--rpn-post-nms-train", "300", "--warmup-iters", "2", "--epochs", "100"],
     "montage": ["--backbone", "resnet18", "--montage-size", "96", "--montage-split", "32", "--batch-size", "16",
