@@ -79,8 +79,8 @@ claim_flags = $(foreach c,$(1),--claim '$(c)')
 # - every pre-training's lr is its paper's, scaled linearly to the toy batch; gradients clipped at norm 10 in
 #   every run (PreDet diverged without); warm-up 10% of the run; lr steps and cosine at the paper's fractions
 #   of the run; AlignDet's EMA momentum 0.9 (the paper's 0.996 would leave the teacher at its initialisation
-#   over 60 iterations). Protocol v1 scaled these lrs x4 too: Direct's and AlignDet's training losses then
-#   rose over their runs (README, "The toy protocol"), so v2 keeps the papers' lrs;
+#   over 60 iterations). Protocol v1 scaled these lrs x4 too: Direct's training loss then rose over its run
+#   (README, "The toy protocol"), so v2 keeps the papers' lrs;
 # - seed s pre-trains with seed s and fine-tunes that checkpoint with seed s.
 D = $(OUT)/demo
 DATA_CACHE ?= data
