@@ -1,6 +1,7 @@
 """The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report."""
 import argparse
 import os
+import stat
 
 import pytest
 import torch
@@ -129,3 +130,16 @@ def test_a_crash_is_left_in_error_txt_with_its_traceback_still_raised(tmp_path):
         cli.run(crash, parser, ["--output-dir", str(out)])
     assert (out / "error.txt").read_text() == ("OSError: [Errno 39] Directory not empty: 'data/.shapes-x' -> "
                                                "'data/shapes' (a crash: see its traceback)\n")
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    """A results folder shared by a group: a checkpoint gets the mode every other file of the run gets
+    (0666 minus the umask), not mkstemp's fixed 0600."""
+    for umask, mode in ((0o002, 0o664), (0o027, 0o640), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            path = tmp_path / f"checkpoint_{umask:o}.pth"
+            checkpoint.save({"kind": "final", "model": {}, "meta": {}}, str(path))
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, (oct(umask), oct(os.stat(path).st_mode))
