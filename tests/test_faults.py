@@ -8,8 +8,10 @@ import sys
 import time
 
 import pytest
+import torch
 
 from common import checkpoint
+from common.loader import build_eval_loader, build_train_loader
 from conftest import ROOT, TINY, iteration_losses, run_script
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
@@ -123,3 +125,46 @@ def test_a_failing_rank_stops_every_rank(shapes, tmp_path):
                       env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert any(name in proc.stderr for name in broken), proc.stderr[-3000:]
+
+
+# ---- stop signals inside the DataLoader workers ----
+
+class SlowItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+
+@pytest.mark.parametrize("build", ["train", "eval"])
+def test_dataloader_workers_leave_stop_signals_to_the_main_process(build):
+    """A scheduler signals every process of the job: the workers go on, the main process decides."""
+    cpu = torch.device("cpu")
+    loader = build_train_loader(SlowItems(), 1, 2, 0, cpu, collate_fn=lambda b: b[0]) if build == "train" else \
+        build_eval_loader(SlowItems(), 1, 2, cpu, collate_fn=lambda b: b[0])
+    items = iter(loader)
+    first = next(items)
+    workers = [str(worker.pid) for worker in items._workers]
+    for sig in ("TERM", "INT"):  # from another process: the main process' own SIGTERM ends a worker
+        subprocess.run(["kill", "-s", sig, *workers], check=True)
+    assert sorted([first, *items]) == list(range(8))
+
+
+CRASH_WITH_WORKERS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from common.loader import build_train_loader
+items = iter(build_train_loader(list(range(64)), 1, 2, 0, torch.device("cpu"), collate_fn=lambda b: b[0]))
+next(items)
+raise RuntimeError("a crash, its traceback holding the loader")
+"""
+
+
+def test_a_crash_with_live_workers_still_exits():
+    """At exit, multiprocessing ends the workers still alive with SIGTERM and waits for them: a worker that
+    ignored every SIGTERM would hang the crashed run forever."""
+    proc = subprocess.run([sys.executable, "-c", CRASH_WITH_WORKERS, ROOT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "a crash, its traceback holding the loader" in proc.stderr
