@@ -13,7 +13,7 @@ A script's loop reads (the schedule and the losses stay in the script):
 ``Run`` owns the run directory contract: checkpoint_last.pth (+ periodic ones) written atomically,
 exact resume (model, optimizer, scaler, iteration, every rank's RNG, the method's ``extra`` state and,
 through ``common.loader``, the data order), log.txt and TensorBoard on rank 0, and a clean stop on
-SIGTERM/SIGINT (checkpoint at the next iteration boundary, exit status 128 + signal).
+SIGTERM/SIGINT (checkpoint at the next iteration boundary or ``stop_point``, exit status 128 + signal).
 """
 import json
 import os
@@ -61,7 +61,12 @@ def amp_dtype(args, device):
 
 
 class Stopped(SystemExit):
-    pass
+    """A stop signal honoured: exit status 128 + signal."""
+
+
+class _Interrupted(BaseException):
+    """Raised by the signal handler inside ``Run.interruptible`` (a BaseException: no library's
+    ``except Exception`` swallows it)."""
 
 
 class Run:
@@ -86,6 +91,8 @@ class Run:
         self.meter, self.epoch_meter = Meter(), Meter()
         self.data_time = self.compute_time = 0.0
         self.stop_signal, self.lr = None, 0.0
+        self.finished = False  # model_final.pth written (finish)
+        self._interrupt_now = False  # inside interruptible(): a signal ends it at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if args.resume:
@@ -185,26 +192,65 @@ class Run:
             self.log.jsonl({"iteration": it, **{k: round(v, 6) for k, v in values.items()}})
             bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in values.items() if k != "lr")
                                 + f" lr={self.lr:.3g}", refresh=False)
-        if dist.get_world_size() > 1 and log_now:  # agree on a stop signal seen by any rank
-            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.stop_signal = int(flag.item()) or None
-        if self.stop_signal and (dist.get_world_size() == 1 or log_now):
-            self.save()
-            name = signal.Signals(self.stop_signal).name
-            print(f"stopped by {name} at iteration {it}: wrote {self.ckpt.last}; continue with the same "
-                  "command plus --resume auto", file=sys.stderr)
-            raise Stopped(128 + self.stop_signal)
+        if dist.get_world_size() == 1 or log_now:  # under torchrun the ranks agree every --print-freq iterations
+            self.stop_point()
         if args.ckpt_every and it % args.ckpt_every == 0 and it < self.max_iters:
             self.save(periodic=True)
 
+    # ---- stopping ----
+    def stop_point(self):
+        """Honours a stop signal seen by any rank: checkpoints (unless training is over) and raises Stopped.
+
+        A collective under torchrun: every rank must reach the same stop points in the same order (the end
+        of every --print-freq-th iteration; within a long evaluation or Montage's ERF pass, at every batch or
+        position all ranks have), so that all ranks leave together. Within an iteration's loop body it
+        checkpoints the state before that iteration, which the resumed run redoes exactly."""
+        if dist.get_world_size() > 1:  # agree on a stop signal seen by any rank
+            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stop_signal = int(flag.item()) or None
+        if not self.stop_signal:
+            return
+        name = signal.Signals(self.stop_signal).name
+        if getattr(self.args, "eval_only", False):
+            message = f"stopped by {name} during the evaluation (--eval-only): run the same command again"
+        elif self.finished:
+            final = os.path.join(self.args.output_dir, "model_final.pth")
+            message = (f"stopped by {name} during the evaluation after training: the trained weights are in "
+                       f"{final}; evaluate them with the same command plus --resume auto (or with --eval-only "
+                       f"--init {final})")
+        else:
+            self.save()
+            message = (f"stopped by {name} at iteration {self.iteration}: wrote {self.ckpt.last}; continue with "
+                       "the same command plus --resume auto")
+        print(message, file=sys.stderr, flush=True)
+        raise Stopped(128 + self.stop_signal)
+
+    def interruptible(self, fn, *args, **kwargs):
+        """Returns fn(*args, **kwargs), or None when a stop signal comes first or during it: a signal ends fn at
+        once (rank 0's COCOeval, which no stop point reaches for minutes on a large set). Rank-local: fn must
+        run no collective. The caller then lets every rank reach a ``stop_point``."""
+        self._interrupt_now = True
+        try:
+            try:
+                if self.stop_signal:
+                    return None
+                return fn(*args, **kwargs)
+            finally:
+                self._interrupt_now = False
+        except _Interrupted:  # the handler raises it at most once per call (it clears _interrupt_now)
+            return None
+
     def _on_signal(self, signum, frame):
         # A repeated SIGTERM is expected (a scheduler signals the whole process group and torchrun forwards
-        # it again): the checkpoint still comes at the next iteration boundary. A second Ctrl-C stops at
-        # once; the previous checkpoint stays valid.
+        # it again): the checkpoint still comes at the next stop point. A second Ctrl-C stops at once; the
+        # previous checkpoint stays valid.
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop_signal = self.stop_signal or signum
+        if self._interrupt_now:
+            self._interrupt_now = False
+            raise _Interrupted
 
     # ---- state ----
     def elapsed(self):
@@ -270,6 +316,7 @@ class Run:
                                      {**self.compute_meta(), **meta})
         self.log.close()
         dist.barrier()
+        self.finished = True
         return meta
 
 

@@ -1,12 +1,16 @@
-"""The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report."""
+"""The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report; a stop
+inside an iteration, resumed exactly."""
 import argparse
+import json
 import os
+import signal
 import stat
 
 import pytest
 import torch
 
-from common import checkpoint, cli
+from common import checkpoint, cli, engine
+from common import loader as data_loader
 from common.cli import UserError
 from common.detectors import build_detector
 
@@ -143,3 +147,79 @@ def test_checkpoints_follow_the_umask(tmp_path):
         finally:
             os.umask(old)
         assert stat.S_IMODE(os.stat(path).st_mode) == mode, (oct(umask), oct(os.stat(path).st_mode))
+
+
+class Points(torch.utils.data.Dataset):
+    """12 random 3-vectors, each drawn under its sample's seed (common.loader.SeededDataset)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.randn(3) + i
+
+
+def run_args(out, **changes):
+    """The flags of a run as a script parses them (the shared ones + a few of a script's own)."""
+    args = cli.base_parser().parse_args(["--output-dir", str(out), "--no-tb", "--amp", "off", "--device", "cpu",
+                                         "--workers", "0", "--print-freq", "1"])
+    args.batch_size, args.lr, args.backbone, args.eval_every, args.eval_batch_size = 2, 0.1, "resnet18", 0, 2
+    for flag, value in changes.items():
+        setattr(args, flag, value)
+    return args
+
+
+def tiny_run(args, max_iters=8, width=3):
+    """A Run over a 2-parameter-tensor model, 6 iterations per epoch, as a script builds it."""
+    engine.prepare_output_dir(args, None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loader = data_loader.build_train_loader(Points(), args.batch_size, 0, args.seed, torch.device("cpu"),
+                                            collate_fn=torch.utils.data.default_collate)
+    return engine.Run(args, model, optimizer, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
+                      max_iters=max_iters, samples_per_iter=args.batch_size, device=torch.device("cpu"),
+                      method="test"), loader
+
+
+def train(run, loader, signal_in_iteration=None):
+    """The loop of a script; a SIGTERM comes in the middle of iteration ``signal_in_iteration`` (as in
+    Montage's ERF pass), where the script reaches a stop point. Returns {iteration: loss}."""
+    losses = {}
+    for it, x in run.batches(loader):
+        if it == signal_in_iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+            run.stop_point()
+        noise = torch.randn(3)  # the global RNG, as dropout or a sampler draws from it: resumed exactly
+        run.set_lr(run.args.lr)
+        loss = ((run.model(x + noise) - 1) ** 2).mean()
+        run.step({"loss": loss})
+        losses[it] = loss.item()
+    return losses
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """Run installs SIGTERM/SIGINT handlers: give pytest its own back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
+def test_a_stop_point_inside_an_iteration_checkpoints_it_and_the_resumed_run_is_exact(tmp_path, capsys,
+                                                                                        own_signal_handlers):
+    full = train(*tiny_run(run_args(tmp_path / "full")))
+    run, loader = tiny_run(run_args(tmp_path / "cut"))
+    with pytest.raises(engine.Stopped) as stop:
+        train(run, loader, signal_in_iteration=3)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at iteration 3" in capsys.readouterr().err
+    assert checkpoint.load(str(tmp_path / "cut" / "checkpoint_last.pth"))["iteration"] == 3  # 0, 1, 2 done
+    resumed = train(*tiny_run(run_args(tmp_path / "cut", resume="auto")))
+    assert sorted(resumed) == [3, 4, 5, 6, 7]
+    assert [resumed[it] for it in resumed] == [full[it] for it in resumed]  # bit-identical
