@@ -1,6 +1,7 @@
 """The fault matrix: preemption (SIGTERM, to the whole process group as schedulers send it), crashes (SIGKILL),
 non-finite losses and failing ranks, for every training script; stop signals during an evaluation or
 Montage's ERF pass, on one process and on two ranks. Each case asserts the exact behaviour the README promises."""
+import collections
 import contextlib
 import datetime
 import io
@@ -115,8 +116,18 @@ def test_kill_and_preemption_then_resume_reproduce_the_uninterrupted_run(script,
         assert b[it] == pytest.approx(a[it], rel=1e-5), (it, a, b)
     assert os.path.exists(os.path.join(cut, "model_final.pth"))
     assert not [name for name in os.listdir(cut) if name.startswith(".tmp-")]
-    if script == "finetune.py":  # the re-run evaluated the trained weights
+    # one log record per iteration although iterations were redone; args.json: the run as it was started
+    with open(os.path.join(cut, "log.txt")) as f:
+        records = [json.loads(line) for line in f]
+    per_iteration = collections.Counter(r["iteration"] for r in records if "loss" in r and "epoch" not in r)
+    assert per_iteration == {it: 1 for it in range(1, ITERS + 1)}
+    resumes = [r["resumed"] for r in records if "resumed" in r]  # the SIGKILLed attempt had no worker
+    assert resumes[0]["changed"]["workers"] == [0, 1] and resumes[0]["iteration"] >= 2
+    with open(os.path.join(cut, "args.json")) as f:
+        assert json.load(f)["workers"] == 0
+    if script == "finetune.py":  # the re-run evaluated the trained weights: no iteration redone, one evaluation
         assert os.path.exists(os.path.join(cut, "results.json"))
+        assert len([r for r in records if "test_bbox_AP" in r]) == 1
 
 
 def test_nonfinite_loss_stops_with_a_debug_checkpoint_or_is_skipped(shapes, tmp_path):
