@@ -234,13 +234,13 @@ def main(args):
     run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
               samples_per_iter=args.batch_size, device=device, method="finetune")
     if args.eval_only:
-        stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+        stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
         write_results(args, stats, init_meta, run.compute_meta(), eval_only=True)
         return
 
     def on_epoch_end(epoch):
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.iteration < max_iters:
-            stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+            stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
             run.log.scalars(epoch + 1, stats["bbox"], prefix="test/bbox_")
             return {f"test_bbox_{k}": v for k, v in stats["bbox"].items()}
 
@@ -263,7 +263,7 @@ def main(args):
                        "trained": "all" if args.trainable_layers == 5 else "all but the frozen ResNet stages"})
     if args.no_eval:
         return
-    stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend)
+    stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
     run.log.jsonl({"iteration": run.iteration, **{f"test_bbox_{k}": v for k, v in stats["bbox"].items()}})
     write_results(args, stats, init_meta, meta)
 

@@ -389,14 +389,16 @@ class MontageNet(nn.Module):
         return self.classifier(self.features(x))  # B x (K+1) x H/32 x W/32
 
 
-def effective_receptive_fields(model, images):
+def effective_receptive_fields(model, images, run=None):
     """ERF of every output position (Luo et al. 2016): G[j, k] = sum over the batch and RGB of
     |d X[:, :, j, k].sum() / d input|, an h x w x H x W tensor (X = the last feature map, B x C' x h x w).
 
     BN uses its running statistics (eval mode), so each image's ERF depends on that image only. With several
     processes each computes every world-th position and the maps are summed over ranks; every rank first takes
-    rank 0's BN statistics (each rank's own batches have moved its copy since DDP last broadcast rank 0's),
-    so that the ERF is the one a single process would compute."""
+    rank 0's BN statistics (each rank's own batches have moved its copy since DDP last broadcast rank 0's), so
+    that the ERF is the one a single process would compute. run: the common.engine.Run, whose stop point every
+    rank reaches before each of the positions every rank has (a stop signal is honoured within one backward
+    pass, not at the end of the whole pass)."""
     if dist.is_dist():
         for buffer in model.buffers():
             torch.distributed.broadcast(buffer, src=0)
@@ -406,7 +408,10 @@ def effective_receptive_fields(model, images):
     feats = model.features(x)  # B x C' x h x w
     h, w = feats.shape[-2:]
     erf = torch.zeros(h, w, *x.shape[-2:], device=x.device)  # h x w x H x W
-    for p in range(dist.get_rank(), h * w, dist.get_world_size()):
+    positions_on_every_rank = h * w // dist.get_world_size()
+    for i, p in enumerate(range(dist.get_rank(), h * w, dist.get_world_size())):
+        if run is not None and i < positions_on_every_rank:
+            run.stop_point()
         j, k = divmod(p, w)
         grad, = torch.autograd.grad(feats[:, :, j, k].sum(), x, retain_graph=p + dist.get_world_size() < h * w)
         erf[j, k] = grad.abs().sum((0, 1))  # H x W
@@ -459,9 +464,9 @@ class ErfLabels:
         self.cell_region = region_masks(size // STRIDE, split // STRIDE).argmax(0).to(device)  # h x w
         self.tau, self.weights, self.seconds = tau, None, 0.0
 
-    def update(self, model, images, iteration):
+    def update(self, model, images, iteration, run=None):
         t = time.perf_counter()
-        erf = effective_receptive_fields(model, images)  # h x w x H x W
+        erf = effective_receptive_fields(model, images, run)  # h x w x H x W
         self.weights = erf_label_weights(erf, self.input_masks, self.cell_region, self.tau)
         self.seconds += time.perf_counter() - t
         own = (self.weights * F.one_hot(self.cell_region, 4).permute(2, 0, 1)).sum(0)
@@ -530,7 +535,8 @@ def main(args):
     model.train()
     for it, (images, labels) in run.batches(loader):
         if args.montage_loss == "erf" and it % args.montage_erf_every == 0:
-            erf.update(model_without_ddp, erf_batch(montages, args.montage_erf_batch, it, args.seed, device), it)
+            erf.update(model_without_ddp, erf_batch(montages, args.montage_erf_batch, it, args.seed, device), it,
+                       run)
         run.set_lr(lr_at(it, base_lr, "cosine", args.iters, args.warmup_iters, args.warmup_factor))
         images = normalize(images.to(device, non_blocking=True).float().div_(255))  # B x 3 x S x S
         if args.channels_last:

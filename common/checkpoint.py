@@ -8,7 +8,8 @@
   {method, detector, backbone, num_classes, parts, iterations, images_seen, wall_clock_s, world_size,
   device_type, device_hours, ...}}``. ``--init`` reads it through ``load_pretrained``.
 Every file is written to a temporary name in the same directory and renamed, so a kill at any moment
-leaves the previous file intact. Nothing in a checkpoint is executable: only tensors and plain containers.
+leaves the previous file intact; its mode follows the umask, as every other file of a run does (a results
+folder shared by a group). Nothing in a checkpoint is executable: only tensors and plain containers.
 """
 import collections
 import glob
@@ -16,8 +17,8 @@ import os
 import pickle
 import random
 import re
+import secrets
 import struct
-import tempfile
 
 import numpy as np
 import torch
@@ -28,10 +29,17 @@ from common.detectors import PART_NAMES, part_of, parts_of
 
 
 def save(obj, path):
-    """torch.save to a temp file + fsync + rename: the file at ``path`` is always complete."""
+    """torch.save to a temp file + fsync + rename: the file at ``path`` is always complete. The temporary file
+    is created with mode 0666 less the umask (tempfile.mkstemp would make it 0600, for its owner only)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=directory)
+    while True:
+        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}.pth")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)

@@ -4,7 +4,8 @@ The results use the ORIGINAL category ids and original-image coordinates. ``coco
 pycocotools' COCOeval, or faster-coco-eval's C++ implementation (same stats, much faster on large
 sets) when it is installed and ``backend`` is 'auto' or 'faster'. The ground truth is the dataset's
 ``coco_gt()``, built once per dataset from its annotation file. ``evaluate`` runs a detector over a
-loader on every rank and returns the stats on every rank.
+loader on every rank and returns the stats on every rank; given the run, it honours a stop signal within a
+batch (common.engine.Run.stop_point).
 """
 import contextlib
 import copy
@@ -82,16 +83,33 @@ def coco_evaluate(coco_gt, results, iou_type="bbox", backend="auto"):
     return {k: float(v) for k, v in zip(STAT_NAMES, ev.stats[:12])}  # -1 = undefined (no such GT)
 
 
+def _coco_stats(dataset, results, backend):
+    stats = {"bbox": coco_evaluate(dataset.coco_gt(), results, "bbox", backend)}
+    if results and "segmentation" in results[0]:
+        stats["segm"] = coco_evaluate(dataset.coco_gt(), results, "segm", backend)
+    return stats
+
+
 @torch.no_grad()
-def evaluate(model, loader, device, dtype=None, backend="auto"):
+def evaluate(model, loader, device, dtype=None, backend="auto", run=None):
     """Inference on every rank, gather on rank 0, COCOeval bbox (+ segm when the model outputs masks).
 
+    run: the common.engine.Run, to honour a stop signal within seconds: every rank reaches its stop point
+    before each batch that every rank has (the shards differ by at most one image), and a signal ends rank
+    0's COCOeval at once, after which every rank reaches one more stop point. Without it a signal waits
+    for the end of the evaluation.
     Returns {"bbox": {AP, AP50, ...}, ["segm": {...}], "images": n, "seconds": s} on every rank."""
     dataset = loader.dataset
     model.eval()
     t0 = time.time()
     results, n_images = [], 0
-    for images, targets in tqdm(loader, disable=not dist.is_main_process(), desc="eval", mininterval=30):
+    batches_on_every_rank = len(loader)
+    if run is not None and dist.get_world_size() > 1:
+        batches_on_every_rank = min(dist.all_gather_object(len(loader)))
+    bar = tqdm(loader, disable=not dist.is_main_process(), desc="eval", mininterval=30)
+    for i, (images, targets) in enumerate(bar):
+        if run is not None and i < batches_on_every_rank:
+            run.stop_point()
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(to_float_batch(images, device))
         for img, out, t in zip(images, outputs, targets):
@@ -102,11 +120,15 @@ def evaluate(model, loader, device, dtype=None, backend="auto"):
     if dist.is_main_process():
         results = [r for part, _ in gathered for r in part]
         n_images = sum(n for _, n in gathered)
-        stats = {"bbox": coco_evaluate(dataset.coco_gt(), results, "bbox", backend)}
-        if results and "segmentation" in results[0]:
-            stats["segm"] = coco_evaluate(dataset.coco_gt(), results, "segm", backend)
-        skipped = len(dataset) - n_images
-        stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))
+        if run is None:
+            stats = _coco_stats(dataset, results, backend)
+        else:  # None when a stop signal came
+            stats = run.interruptible(_coco_stats, dataset, results, backend)
+        if stats is not None:
+            skipped = len(dataset) - n_images
+            stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))
     stats = dist.broadcast_object(stats)
+    if stats is None:  # on every rank alike
+        run.stop_point()  # rank 0 holds the signal: every rank stops here
     model.train()
     return stats

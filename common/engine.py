@@ -12,14 +12,19 @@ A script's loop reads (the schedule and the losses stay in the script):
 
 ``Run`` owns the run directory contract: checkpoint_last.pth (+ periodic ones) written atomically,
 exact resume (model, optimizer, scaler, iteration, every rank's RNG, the method's ``extra`` state and,
-through ``common.loader``, the data order), log.txt and TensorBoard on rank 0, and a clean stop on
-SIGTERM/SIGINT (checkpoint at the next iteration boundary, exit status 128 + signal).
+through ``common.loader``, the data order) refused when a flag that changes the run differs, log.txt (one
+record per iteration, also across resumes) and TensorBoard on rank 0, and a clean stop on SIGTERM/SIGINT
+(checkpoint at the next iteration boundary or ``stop_point``, exit status 128 + signal).
+``prepare_output_dir`` gives a run directory to one run at a time (a lock the kernel drops with the process).
 """
+import fcntl
 import json
 import os
 import shutil
 import signal
+import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -31,24 +36,81 @@ from common.loader import skipped_images
 from common.metrics import Meter, RunLog, peak_memory_mb
 
 
+LOCK_FILE = ".lock"
+_run_lock = None  # rank 0's open, locked <output-dir>/.lock: held for the life of the process
+
+
+def _lock_run_dir(out):
+    """Takes an exclusive flock on <out>/.lock for the rest of this process' life, or raises UserError naming
+    the process that holds it. The kernel drops the lock when the process ends, however it ends (SIGKILL
+    included), so a crashed run never leaves it stuck."""
+    global _run_lock
+    if _run_lock is not None:  # one run per process (a second main() in the same process)
+        _run_lock.close()
+        _run_lock = None
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "a process that has not written its id yet"
+        f.close()
+        raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or stop it, or choose "
+                        "another --output-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    _run_lock = f
+
+
+def _drop_lock_in_child():
+    """A forked child (a DataLoader worker) closes its copy of the lock's descriptor: the lock stays with the
+    main process (a flock belongs to the open file, which the parent keeps open) and dies with it, also while
+    an orphaned worker is still shutting down."""
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.close()
+        _run_lock = None
+
+
+os.register_at_fork(after_in_child=_drop_lock_in_child)
+
+
 def prepare_output_dir(args, default):
-    """Sets args.output_dir (default runs/<script>/<tag>), refuses to silently reuse a finished or
-    started run (resume it or pass --overwrite), and writes args.json."""
+    """Sets args.output_dir (default runs/<script>/<tag>), locks it for this run (rank 0, for the life of the
+    process), refuses to silently reuse a finished or started run (resume it or pass --overwrite), and writes
+    args.json: the record of what the run is, kept as it is when the run is resumed (or evaluated)."""
     args.output_dir = args.output_dir or default
     out = args.output_dir
+    error = None
+    if dist.is_main_process():
+        try:
+            _lock_run_dir(out)
+        except UserError as e:
+            error = str(e)
     started = any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint_last.pth", "model_final.pth"))
+    if error is None and started and not args.overwrite and not args.resume and not getattr(args, "eval_only", False):
+        error = (f"{out} already holds a run; add --resume auto to continue it, --overwrite to start over, or "
+                 "choose another --output-dir")
+    error = dist.broadcast_object(error)  # every rank leaves the same way
+    if error is not None:
+        args.output_dir = None  # another run's directory: nothing of this attempt goes there (no error.txt)
+        raise UserError(error)
     if started and args.overwrite and dist.is_main_process():
-        shutil.rmtree(out)
-    elif started and not args.resume and not getattr(args, "eval_only", False):
-        raise UserError(f"{out} already holds a run; add --resume auto to continue it, --overwrite to start "
-                        "over, or choose another --output-dir")
+        for name in os.listdir(out):  # everything but the lock this run holds
+            path = os.path.join(out, name)
+            if name != LOCK_FILE:
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     dist.barrier()
     if dist.is_main_process():
-        os.makedirs(out, exist_ok=True)
         if os.path.exists(os.path.join(out, "error.txt")):
             os.remove(os.path.join(out, "error.txt"))  # a new attempt: the last one's error is stale
-        with open(os.path.join(out, "args.json"), "w") as f:
-            json.dump({"script": os.path.basename(sys.argv[0]), **vars(args)}, f, indent=1)
+        record = os.path.join(out, "args.json")
+        if not (started and not args.overwrite and os.path.exists(record)):
+            with open(record, "w") as f:
+                json.dump({"script": os.path.basename(sys.argv[0]), **vars(args)}, f, indent=1)
     return out
 
 
@@ -62,7 +124,39 @@ def amp_dtype(args, device):
 
 
 class Stopped(SystemExit):
-    pass
+    """A stop signal honoured: exit status 128 + signal."""
+
+
+class _Interrupted(BaseException):
+    """Raised by the signal handler inside ``Run.interruptible`` (a BaseException: no library's
+    ``except Exception`` swallows it)."""
+
+
+# Flags that leave the rest of a resumed run bit-identical (and its evaluation the same): a resume may change
+# them (they are logged); any other difference is refused, since it would not continue the same run.
+HARMLESS_ON_RESUME = {
+    "resume": "how this attempt starts", "overwrite": "how this attempt starts",
+    "output_dir": "where the files go", "data_cache": "where generated data goes (generated the same)",
+    "print_freq": "logging only (and how often ranks agree on a stop)", "tensorboard": "logging only",
+    "ckpt_every": "checkpoint files only", "keep_ckpts": "checkpoint files only",
+    "dist_timeout": "how long a stuck collective waits",
+    "workers": "the data are a function of (seed, epoch, position), not of the worker (common.loader)",
+    "max_iters": "where this attempt stops; the schedule comes from the other flags",
+    "skip_bad_images": "a bad image stops the run without it, is skipped with it: no run differs in its numbers",
+    "no_eval": "whether the final evaluation runs", "eval_backend": "the same COCO stats either way",
+}
+
+
+def _flag_change(dest, old, new):
+    """'--flag old -> new' as on the command line."""
+    if dest == "tensorboard":  # --no-tb stores False in args.tensorboard
+        return f"--no-tb {old is False} -> {new is False}"
+    return f"--{dest.replace('_', '-')} {old} -> {new}"
+
+
+def _changes(old, new):
+    """{dest: [old value, new value]} of the flags that differ (a flag missing on one side is None there)."""
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
 class Run:
@@ -88,6 +182,8 @@ class Run:
         self.data_time = self.compute_time = 0.0
         self.stop_signal, self.lr = None, 0.0
         self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
+        self.finished = False  # model_final.pth written (finish)
+        self._interrupt_now = False  # inside interruptible(): a signal ends it at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         if args.resume:
@@ -189,26 +285,65 @@ class Run:
             self.log.jsonl({"iteration": it, **{k: round(v, 6) for k, v in values.items()}})
             bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in values.items() if k != "lr")
                                 + f" lr={self.lr:.3g}", refresh=False)
-        if dist.get_world_size() > 1 and log_now:  # agree on a stop signal seen by any rank
-            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            self.stop_signal = int(flag.item()) or None
-        if self.stop_signal and (dist.get_world_size() == 1 or log_now):
-            self.save()
-            name = signal.Signals(self.stop_signal).name
-            print(f"stopped by {name} at iteration {it}: wrote {self.ckpt.last}; continue with the same "
-                  "command plus --resume auto", file=sys.stderr)
-            raise Stopped(128 + self.stop_signal)
+        if dist.get_world_size() == 1 or log_now:  # under torchrun the ranks agree every --print-freq iterations
+            self.stop_point()
         if args.ckpt_every and it % args.ckpt_every == 0 and it < self.max_iters:
             self.save(periodic=True)
 
+    # ---- stopping ----
+    def stop_point(self):
+        """Honours a stop signal seen by any rank: checkpoints (unless training is over) and raises Stopped.
+
+        A collective under torchrun: every rank must reach the same stop points in the same order (the end
+        of every --print-freq-th iteration; within a long evaluation or Montage's ERF pass, at every batch or
+        position all ranks have), so that all ranks leave together. Within an iteration's loop body it
+        checkpoints the state before that iteration, which the resumed run redoes exactly."""
+        if dist.get_world_size() > 1:  # agree on a stop signal seen by any rank
+            flag = torch.tensor([float(self.stop_signal or 0)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.stop_signal = int(flag.item()) or None
+        if not self.stop_signal:
+            return
+        name = signal.Signals(self.stop_signal).name
+        if getattr(self.args, "eval_only", False):
+            message = f"stopped by {name} during the evaluation (--eval-only): run the same command again"
+        elif self.finished:
+            final = os.path.join(self.args.output_dir, "model_final.pth")
+            message = (f"stopped by {name} during the evaluation after training: the trained weights are in "
+                       f"{final}; evaluate them with the same command plus --resume auto (or with --eval-only "
+                       f"--init {final})")
+        else:
+            self.save()
+            message = (f"stopped by {name} at iteration {self.iteration}: wrote {self.ckpt.last}; continue with "
+                       "the same command plus --resume auto")
+        print(message, file=sys.stderr, flush=True)
+        raise Stopped(128 + self.stop_signal)
+
+    def interruptible(self, fn, *args, **kwargs):
+        """Returns fn(*args, **kwargs), or None when a stop signal comes first or during it: a signal ends fn at
+        once (rank 0's COCOeval, which no stop point reaches for minutes on a large set). Rank-local: fn must
+        run no collective. The caller then lets every rank reach a ``stop_point``."""
+        self._interrupt_now = True
+        try:
+            try:
+                if self.stop_signal:
+                    return None
+                return fn(*args, **kwargs)
+            finally:
+                self._interrupt_now = False
+        except _Interrupted:  # the handler raises it at most once per call (it clears _interrupt_now)
+            return None
+
     def _on_signal(self, signum, frame):
         # A repeated SIGTERM is expected (a scheduler signals the whole process group and torchrun forwards
-        # it again): the checkpoint still comes at the next iteration boundary. A second Ctrl-C stops at
-        # once; the previous checkpoint stays valid.
+        # it again): the checkpoint still comes at the next stop point. A second Ctrl-C stops at once; the
+        # previous checkpoint stays valid.
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.stop_signal = self.stop_signal or signum
+        if self._interrupt_now:
+            self._interrupt_now = False
+            raise _Interrupted
 
     # ---- state ----
     def elapsed(self):
@@ -236,12 +371,31 @@ class Run:
         ck = checkpoint.load(path, kind="train_state")
         if ck["meta"].get("method") != self.method:
             raise UserError(f"{path} was written by {ck['meta'].get('method')}, not {self.method}")
-        self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
+        changed = _changes(ck.get("args", {}), vars(self.args))
+        if not getattr(self.args, "eval_only", False):  # an evaluation needs the weights only
+            refused = {k: v for k, v in changed.items() if k not in HARMLESS_ON_RESUME}
+            if refused:
+                raise UserError(f"{path} was written by a run with other flags: " + ", ".join(
+                    _flag_change(k, *values) for k, values in refused.items()) + "; resuming with them "
+                    "would not continue that run: restore them, or start a new run in another --output-dir")
+        try:
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{path} does not fit this model ({str(e).strip().splitlines()[0][:200]}); resume "
+                            "with the flags of the run that wrote it") from None
         self.scaler.load_state_dict(ck["scaler"])
         for k, obj in self.extra.items():
             obj.load_state_dict(ck["extra"][k])
         self.iteration = self.start_iter = ck["iteration"]
+        logged = {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
+        if not getattr(self.args, "eval_only", False):  # an evaluation leaves the run's log as it is
+            if logged:
+                print("resuming with changed flags that leave the run as it was: " + ", ".join(
+                    _flag_change(k, *values) for k, values in logged.items()))
+            if dist.is_main_process():
+                self._truncate_log(self.start_iter)
+            self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": logged}})
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
@@ -249,6 +403,35 @@ class Run:
             print(f"warning: {path} was written by {len(ck['rng'])} processes, this run has "
                   f"{dist.get_world_size()}: the data order continues, random streams do not match exactly")
         print(f"resumed from {path} at iteration {self.start_iter}")
+
+    def _truncate_log(self, iteration):
+        """Drops the log.txt records past ``iteration`` (the resumed run writes them again) and a line cut by
+        a kill, by writing the rest to a temporary file renamed over log.txt: a kill meanwhile leaves either."""
+        path = self.log.path
+        if not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("iteration", record.get("resumed", {}).get("iteration", 0)) <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        if kept == lines:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-log-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.writelines(kept)
+            os.chmod(tmp, os.stat(path).st_mode & 0o777)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     # ---- summaries ----
     def epoch_summary(self, losses):
@@ -274,6 +457,7 @@ class Run:
                                      {**self.compute_meta(), **meta})
         self.log.close()
         dist.barrier()
+        self.finished = True
         return meta
 
 

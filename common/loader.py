@@ -9,8 +9,12 @@ portrait, as detectron2's ``AspectRatioGroupedDataset``; torchvision's reference
 ``GroupedBatchSampler`` for the same purpose) keeps padding small.
 """
 import contextlib
+import functools
 import multiprocessing
+import os
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -128,11 +132,57 @@ def aspect_groups(dataset):
     return [int(r >= 1.0) for r in dataset.aspect_ratios()]
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+CAN_TAKE_SIGNALS = hasattr(signal, "sigwaitinfo")  # Linux; not macOS, where workers keep PyTorch's handling
+
+
+def _leave_stop_signals_to_the_main_process(worker_id, main_pid):
+    """Worker init: SIGTERM and SIGINT stay blocked in the worker (since the fork, StopSafeDataLoader.__iter__)
+    and a thread takes them with their sender: a SIGTERM from the main process (which ends its workers so,
+    e.g. at its exit), or any of them once the main process is gone, ends the worker, as PyTorch's own
+    handler does; from anyone else (a scheduler signalling the whole job) they do nothing."""
+    def take_stop_signals():
+        while True:
+            info = signal.sigwaitinfo(STOP_SIGNALS)
+            if (info.si_signo == signal.SIGTERM and info.si_pid == main_pid) or os.getppid() != main_pid:
+                os._exit(0)  # (an orphan is adopted by another process at once)
+
+    threading.Thread(target=take_stop_signals, name="stop-signals", daemon=True).start()
+
+
+class StopSafeDataLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave SIGTERM and SIGINT to the main process.
+
+    SLURM, Kubernetes, ``timeout`` and Ctrl-C signal every process of a job, the workers included. A
+    PyTorch worker dies of a SIGTERM that its parent did not send, and the main process then fails with
+    "DataLoader worker (pid N) is killed by signal: Terminated". Here the main process decides: it stops the
+    run at the next boundary with a checkpoint (common.engine.Run) and ends its workers as it exits. The
+    workers are forked (as this module and common.coco expect; Python 3.14 would start them from a
+    forkserver) with the signals blocked, so that no thread of theirs ever has them unblocked and one that
+    comes while they start is not lost on them either; programs a worker starts inherit them blocked (a
+    stop is the main process' to make)."""
+
+    def __init__(self, *args, **kwargs):
+        if CAN_TAKE_SIGNALS and kwargs.get("num_workers", 0) > 0:
+            kwargs.update(multiprocessing_context="fork", worker_init_fn=functools.partial(
+                _leave_stop_signals_to_the_main_process, main_pid=os.getpid()))
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers == 0 or not CAN_TAKE_SIGNALS:
+            return super().__iter__()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()  # forks the workers (the first time, for persistent ones)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one that came meanwhile is handled now
+
+
 def build_train_loader(dataset, batch_size, workers, seed, device, collate_fn=collate_detection,
                        group_ids=None):
     sampler = TrainBatchSampler(len(dataset), batch_size, seed, group_ids)
     # its own generator: creating a loader iterator must not draw from the global RNG (exact resume)
-    return torch.utils.data.DataLoader(
+    return StopSafeDataLoader(
         SeededDataset(dataset), batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None, generator=torch.Generator().manual_seed(seed))
@@ -152,6 +202,6 @@ class ShardSampler(torch.utils.data.Sampler):
 
 
 def build_eval_loader(dataset, batch_size, workers, device, collate_fn=collate_detection):
-    return torch.utils.data.DataLoader(
+    return StopSafeDataLoader(
         dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset)), num_workers=workers,
         collate_fn=collate_fn, pin_memory=device.type == "cuda")

@@ -1,13 +1,23 @@
-"""The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report."""
+"""The checkpoint contract: atomic writes, weights_only loads, kinds, and the per-part transfer report; the run
+directory: one run at a time, resumed only with the flags it was started with, one log record per iteration."""
 import argparse
+import fcntl
+import json
 import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from common import checkpoint, cli
+from common import checkpoint, cli, engine
+from common import loader as data_loader
 from common.cli import UserError
 from common.detectors import build_detector
+from common.metrics import read_jsonl
 
 
 def tiny(name="fasterrcnn", k=5, backbone="resnet18", norm="bn"):
@@ -129,3 +139,228 @@ def test_a_crash_is_left_in_error_txt_with_its_traceback_still_raised(tmp_path):
         cli.run(crash, parser, ["--output-dir", str(out)])
     assert (out / "error.txt").read_text() == ("OSError: [Errno 39] Directory not empty: 'data/.shapes-x' -> "
                                                "'data/shapes' (a crash: see its traceback)\n")
+
+
+def test_checkpoints_follow_the_umask(tmp_path):
+    """A results folder shared by a group: a checkpoint gets the mode every other file of the run gets
+    (0666 minus the umask), not mkstemp's fixed 0600."""
+    for umask, mode in ((0o002, 0o664), (0o027, 0o640), (0o077, 0o600)):
+        old = os.umask(umask)
+        try:
+            path = tmp_path / f"checkpoint_{umask:o}.pth"
+            checkpoint.save({"kind": "final", "model": {}, "meta": {}}, str(path))
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(os.stat(path).st_mode) == mode, (oct(umask), oct(os.stat(path).st_mode))
+
+
+# ---- the run directory: one run at a time, resumed only as the run it was ----
+
+FIRST_RUN = """
+import fcntl, json, os, sys, time
+out = sys.argv[1]
+os.makedirs(out)
+lock = open(os.path.join(out, ".lock"), "a+")  # what a run's rank 0 holds for its life (common.engine)
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+lock.write(f"pid {os.getpid()} on this host\\n")
+lock.flush()
+json.dump({"who": "first"}, open(os.path.join(out, "args.json"), "w"))
+open(os.path.join(out, "checkpoint_last.pth"), "wb").close()  # it got as far as a checkpoint
+print("started", flush=True)
+time.sleep(300)
+"""
+
+
+def second_run(out, *flags):
+    """prepare_output_dir as a script's main() calls it, through cli.run (user errors -> exit 2, error.txt)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output-dir")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--who", default="second")
+    cli.run(lambda args: engine.prepare_output_dir(args, None), parser, ["--output-dir", str(out), *flags])
+
+
+def test_a_second_run_into_a_live_run_directory_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-c", FIRST_RUN, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "started"
+        for flags in ((), ("--resume", "auto"), ("--overwrite",)):
+            with pytest.raises(SystemExit) as stop:
+                second_run(out, *flags)
+            assert stop.value.code == 2, flags
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("error: "), err
+            assert "in use by another run" in err[0] and f"pid {first.pid}" in err[0], err[0]
+            # nothing of the first run is touched: its record, its checkpoint, and no error.txt of ours in it
+            assert json.load(open(out / "args.json")) == {"who": "first"}
+            assert sorted(os.listdir(out)) == [".lock", "args.json", "checkpoint_last.pth"], flags
+    finally:
+        first.kill()  # SIGKILL: no exit handler runs; the kernel drops the lock with the process
+        first.wait()
+    second_run(out, "--overwrite")
+    assert json.load(open(out / "args.json"))["who"] == "second"
+    assert sorted(os.listdir(out)) == [".lock", "args.json"]
+    with open(out / ".lock") as other, pytest.raises(BlockingIOError):  # the second run holds it now
+        fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+
+class Points(torch.utils.data.Dataset):
+    """12 random 3-vectors, each drawn under its sample's seed (common.loader.SeededDataset)."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.randn(3) + i
+
+
+def run_args(out, **changes):
+    """The flags of a run as a script parses them (the shared ones + a few of a script's own)."""
+    args = cli.base_parser().parse_args(["--output-dir", str(out), "--no-tb", "--amp", "off", "--device", "cpu",
+                                         "--workers", "0", "--print-freq", "1"])
+    args.batch_size, args.lr, args.backbone, args.eval_every, args.eval_batch_size = 2, 0.1, "resnet18", 0, 2
+    for flag, value in changes.items():
+        setattr(args, flag, value)
+    return args
+
+
+def tiny_run(args, max_iters=8, width=3):
+    """A Run over a 2-parameter-tensor model, 6 iterations per epoch, as a script builds it."""
+    engine.prepare_output_dir(args, None)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(width, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loader = data_loader.build_train_loader(Points(), args.batch_size, 0, args.seed, torch.device("cpu"),
+                                            collate_fn=torch.utils.data.default_collate)
+    return engine.Run(args, model, optimizer, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
+                      max_iters=max_iters, samples_per_iter=args.batch_size, device=torch.device("cpu"),
+                      method="test"), loader
+
+
+def train(run, loader, signal_in_iteration=None):
+    """The loop of a script; a SIGTERM comes in the middle of iteration ``signal_in_iteration`` (as in
+    Montage's ERF pass), where the script reaches a stop point. Returns {iteration: loss}."""
+    losses = {}
+    for it, x in run.batches(loader):
+        if it == signal_in_iteration:
+            os.kill(os.getpid(), signal.SIGTERM)
+            run.stop_point()
+        noise = torch.randn(3)  # the global RNG, as dropout or a sampler draws from it: resumed exactly
+        run.set_lr(run.args.lr)
+        loss = ((run.model(x + noise) - 1) ** 2).mean()
+        run.step({"loss": loss})
+        losses[it] = loss.item()
+    return losses
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """Run installs SIGTERM/SIGINT handlers: give pytest its own back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+def log_records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
+def test_a_stop_point_inside_an_iteration_checkpoints_it_and_the_resumed_run_is_exact(tmp_path, capsys,
+                                                                                        own_signal_handlers):
+    full = train(*tiny_run(run_args(tmp_path / "full")))
+    run, loader = tiny_run(run_args(tmp_path / "cut"))
+    with pytest.raises(engine.Stopped) as stop:
+        train(run, loader, signal_in_iteration=3)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM at iteration 3" in capsys.readouterr().err
+    assert checkpoint.load(str(tmp_path / "cut" / "checkpoint_last.pth"))["iteration"] == 3  # 0, 1, 2 done
+    resumed = train(*tiny_run(run_args(tmp_path / "cut", resume="auto")))
+    assert sorted(resumed) == [3, 4, 5, 6, 7]
+    assert [resumed[it] for it in resumed] == [full[it] for it in resumed]  # bit-identical
+
+
+def test_resume_refuses_flags_that_change_the_run_and_records_harmless_ones(tmp_path, capsys, own_signal_handlers):
+    out = tmp_path / "run"
+    train(*tiny_run(run_args(out), max_iters=4))
+    original = json.load(open(out / "args.json"))
+    records = log_records(out)
+    for changes, named in (({"batch_size": 4}, ["--batch-size 2 -> 4"]),  # the iteration position means other data
+                           ({"lr": 0.2, "seed": 1}, ["--lr 0.1 -> 0.2", "--seed 0 -> 1"]),
+                           ({"eval_every": 1}, ["--eval-every 0 -> 1"]),  # evaluating draws from the global RNG
+                           ({"eval_batch_size": 1}, ["--eval-batch-size 2 -> 1"]),  # padding changes detections
+                           ({"backbone": "resnet50"}, ["--backbone resnet18 -> resnet50"])):
+        with pytest.raises(UserError) as refused:
+            tiny_run(run_args(out, resume="auto", **changes), max_iters=8)
+        message = str(refused.value)
+        assert "\n" not in message and all(n in message for n in named), message
+        assert "--workers" not in message and "--resume" not in message
+        assert json.load(open(out / "args.json")) == original and log_records(out) == records
+
+    capsys.readouterr()
+    changes = {"workers": 2, "print_freq": 5, "ckpt_every": 7, "keep_ckpts": 1, "tensorboard": False,
+               "dist_timeout": 60, "max_iters": 6, "skip_bad_images": True}
+    run, _ = tiny_run(run_args(out, resume="auto", **changes), max_iters=6)
+    assert run.start_iter == 4
+    printed = capsys.readouterr().out
+    assert "--workers 0 -> 2" in printed and "--print-freq 1 -> 5" in printed
+    assert json.load(open(out / "args.json")) == original  # the record of what the run was
+    resume = log_records(out)[-1]["resumed"]
+    assert resume["iteration"] == 4 and resume["changed"]["workers"] == [0, 2]
+    assert set(resume["changed"]) == {"workers", "print_freq", "ckpt_every", "keep_ckpts", "dist_timeout",
+                                      "max_iters", "skip_bad_images"}
+
+
+def test_resuming_a_checkpoint_of_another_shape_is_one_line(tmp_path, own_signal_handlers):
+    out = tmp_path / "run"
+    train(*tiny_run(run_args(out), max_iters=2))
+    with pytest.raises(UserError) as refused:  # same flags (e.g. --eval-only skips the comparison), other model
+        tiny_run(run_args(out, resume="auto", eval_only=True), width=5)
+    assert "\n" not in str(refused.value) and "does not fit" in str(refused.value), refused.value
+
+
+def test_resume_keeps_one_log_record_per_iteration(tmp_path, own_signal_handlers):
+    """A kill after the checkpoint of iteration 4 and the log lines of 5 and 6: the resumed run redoes 5, 6."""
+    out = tmp_path / "run"
+    run, loader = tiny_run(run_args(out, ckpt_every=3), max_iters=8)
+    for it, x in run.batches(loader):
+        if it == 5:  # iterations 0..4 done and logged, the last checkpoint at 3
+            break
+        run.step({"loss": (run.model(x) ** 2).mean()})
+    with open(out / "log.txt", "a") as f:
+        f.write('{"iteration": 6, "lo')  # a line cut by the kill
+    assert [r["iteration"] for r in read_jsonl(str(out / "log.txt"))] == [1, 2, 3, 4, 5]
+    before = open(out / "log.txt").read()
+    tiny_run(run_args(out, resume="auto", eval_only=True))  # evaluating the checkpoint leaves the log alone
+    assert open(out / "log.txt").read() == before
+    train(*tiny_run(run_args(out, resume="auto", ckpt_every=3), max_iters=8))
+    records = log_records(out)  # every line whole
+    assert [r["iteration"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert [r["iteration"] for r in records if "epoch" in r] == [6, 8]
+    assert [r["resumed"]["iteration"] for r in records if "resumed" in r] == [3]
+
+
+def test_a_forked_worker_that_outlives_its_killed_run_does_not_keep_the_lock(tmp_path):
+    """A DataLoader worker is a fork of rank 0: if it kept a copy of the lock, a run killed with SIGKILL would
+    stay locked while its orphaned workers wind down (or hang in a read)."""
+    out = tmp_path / "run"
+    engine.prepare_output_dir(argparse.Namespace(output_dir=str(out), overwrite=False, resume=None), None)
+    ready, started = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # the worker: alive for the rest of the test
+        os.write(started, b"1")
+        time.sleep(30)
+        os._exit(0)
+    try:
+        assert os.read(ready, 1) == b"1"
+        engine._run_lock.close()  # the run's main process dies (what the kernel does to its files on SIGKILL)
+        engine._run_lock = None
+        with open(out / ".lock") as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free for the next run although the worker lives
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        os.close(ready)
+        os.close(started)

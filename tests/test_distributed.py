@@ -20,7 +20,6 @@ What a 2-process run must equal depends on what the script's losses couple acros
 Each 2-process run also records what each rank trained on: disjoint shards, each the one its played rank saw.
 """
 import json
-import os
 
 import pytest
 import torch

@@ -1,5 +1,10 @@
-"""The fault matrix: preemption (SIGTERM), crashes (SIGKILL), non-finite losses and failing ranks, for every
-training script. Each case asserts the exact behaviour the README promises."""
+"""The fault matrix: preemption (SIGTERM, to the whole process group as schedulers send it), crashes (SIGKILL),
+non-finite losses and failing ranks, for every training script; stop signals during an evaluation or
+Montage's ERF pass, on one process and on two ranks. Each case asserts the exact behaviour the README promises."""
+import collections
+import contextlib
+import datetime
+import io
 import json
 import os
 import signal
@@ -8,9 +13,13 @@ import sys
 import time
 
 import pytest
+import torch
 
-from common import checkpoint
+from common import checkpoint, coco_eval, dist, engine
+from common.coco_eval import evaluate
+from common.loader import build_eval_loader, build_train_loader
 from conftest import ROOT, TINY, iteration_losses, run_script
+from test_checkpoint import own_signal_handlers, run_args, tiny_run  # noqa: F401 (a fixture)
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
       "--warmup-iters", "5", *TINY]
@@ -36,11 +45,19 @@ SCRIPTS = {
 ITERS = 6
 
 
-def _start(script, flags, out, resume=False):
+def _start(script, flags, out, resume=False, workers=0):
+    """The script in a process group of its own (as a batch job), with ``workers`` DataLoader processes."""
     cmd = [sys.executable, script, *map(str, flags), "--max-iters", str(ITERS), "--ckpt-every", "2", "--keep-ckpts", "2",
-           "--output-dir", out, *(["--resume", "auto"] if resume else [])]
+           "--output-dir", out, "--workers", str(workers), *(["--resume", "auto"] if resume else [])]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
+
+
+def _stop_group(proc, sig=signal.SIGTERM):
+    """What SLURM, Kubernetes and `timeout` do: the signal to every process of the job, workers included."""
+    os.killpg(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    return err
 
 
 def _wait_for_iteration(proc, out, iteration, timeout=300):
@@ -73,16 +90,25 @@ def test_kill_and_preemption_then_resume_reproduce_the_uninterrupted_run(script,
         if name.endswith(".pth") and not name.startswith(".tmp-"):
             assert checkpoint.load(os.path.join(cut, name), kind="train_state")["iteration"] >= 2, name
 
-    # resume, then SIGTERM (preemption): a checkpoint at the next iteration boundary and a clear message
-    proc = _start(script, flags, cut, resume=True)
+    # resume with a DataLoader worker (a flag that leaves the run as it was), then SIGTERM to the process group
+    # (preemption): the worker leaves it to the main process, which checkpoints at the next iteration boundary
+    proc = _start(script, flags, cut, resume=True, workers=1)
     _wait_for_iteration(proc, cut, 4)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    err = _stop_group(proc)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM at iteration" in err and "--resume auto" in err
     stopped_at = checkpoint.load(os.path.join(cut, "checkpoint_last.pth"), kind="train_state")["iteration"]
     assert 4 <= stopped_at < ITERS
 
+    if script == "finetune.py":  # a SIGTERM during the evaluation after training: the weights are kept
+        proc = _start(script, flags, cut, resume=True, workers=1)
+        final = os.path.join(cut, "model_final.pth")
+        while not os.path.exists(final) and proc.poll() is None:
+            time.sleep(0.01)
+        err = _stop_group(proc)
+        assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+        assert f"the trained weights are in {final}" in err and "--resume auto" in err, err[-3000:]
+        assert not os.path.exists(os.path.join(cut, "results.json"))
     run_script(script, *flags, "--max-iters", ITERS, "--output-dir", cut, "--resume", "auto")
     a, b = iteration_losses(full), iteration_losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, ITERS + 1))
@@ -90,6 +116,18 @@ def test_kill_and_preemption_then_resume_reproduce_the_uninterrupted_run(script,
         assert b[it] == pytest.approx(a[it], rel=1e-5), (it, a, b)
     assert os.path.exists(os.path.join(cut, "model_final.pth"))
     assert not [name for name in os.listdir(cut) if name.startswith(".tmp-")]
+    # one log record per iteration although iterations were redone; args.json: the run as it was started
+    with open(os.path.join(cut, "log.txt")) as f:
+        records = [json.loads(line) for line in f]
+    per_iteration = collections.Counter(r["iteration"] for r in records if "loss" in r and "epoch" not in r)
+    assert per_iteration == {it: 1 for it in range(1, ITERS + 1)}
+    resumes = [r["resumed"] for r in records if "resumed" in r]  # the SIGKILLed attempt had no worker
+    assert resumes[0]["changed"]["workers"] == [0, 1] and resumes[0]["iteration"] >= 2
+    with open(os.path.join(cut, "args.json")) as f:
+        assert json.load(f)["workers"] == 0
+    if script == "finetune.py":  # the re-run evaluated the trained weights: no iteration redone, one evaluation
+        assert os.path.exists(os.path.join(cut, "results.json"))
+        assert len([r for r in records if "test_bbox_AP" in r]) == 1
 
 
 def test_nonfinite_loss_stops_with_a_debug_checkpoint_or_is_skipped(shapes, tmp_path):
@@ -123,3 +161,214 @@ def test_a_failing_rank_stops_every_rank(shapes, tmp_path):
                       env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert any(name in proc.stderr for name in broken), proc.stderr[-3000:]
+
+
+# ---- stop signals inside the DataLoader workers, an evaluation and Montage's ERF pass ----
+
+class SlowItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        time.sleep(0.05)
+        return i
+
+
+@pytest.mark.parametrize("build", ["train", "eval"])
+def test_dataloader_workers_leave_stop_signals_to_the_main_process(build):
+    """A scheduler signals every process of the job: the workers go on, the main process decides."""
+    cpu = torch.device("cpu")
+    loader = build_train_loader(SlowItems(), 1, 2, 0, cpu, collate_fn=lambda b: b[0]) if build == "train" else \
+        build_eval_loader(SlowItems(), 1, 2, cpu, collate_fn=lambda b: b[0])
+    items = iter(loader)
+    first = next(items)
+    workers = [str(worker.pid) for worker in items._workers]
+    for sig in ("TERM", "INT"):  # from another process: the main process' own SIGTERM ends a worker
+        subprocess.run(["kill", "-s", sig, *workers], check=True)
+    assert sorted([first, *items]) == list(range(8))
+
+
+CRASH_WITH_WORKERS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from common.loader import build_train_loader
+items = iter(build_train_loader(list(range(64)), 1, 2, 0, torch.device("cpu"), collate_fn=lambda b: b[0]))
+next(items)
+raise RuntimeError("a crash, its traceback holding the loader")
+"""
+
+
+def test_a_crash_with_live_workers_still_exits():
+    """At exit, multiprocessing ends the workers still alive with SIGTERM and waits for them: a worker that
+    ignored every SIGTERM would hang the crashed run forever."""
+    proc = subprocess.run([sys.executable, "-c", CRASH_WITH_WORKERS, ROOT], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "a crash, its traceback holding the loader" in proc.stderr
+
+
+class BlankImages(torch.utils.data.Dataset):
+    """n blank 16 x 24 images, each with one 8 x 8 box of category 7 at (2, 2)."""
+    cat_ids = [7]
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 16, 24, dtype=torch.uint8), {"image_id": i + 1, "orig_size": (16, 24)}
+
+    def coco_gt(self):
+        from pycocotools.coco import COCO
+        gt = COCO()
+        gt.dataset = {"images": [{"id": i + 1, "width": 24, "height": 16} for i in range(self.n)],
+                      "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 7, "bbox": [2, 2, 8, 8],
+                                       "area": 64, "iscrowd": 0} for i in range(self.n)],
+                      "categories": [{"id": 7, "name": "box"}]}
+        with contextlib.redirect_stdout(io.StringIO()):
+            gt.createIndex()
+        return gt
+
+
+class BoxFinder(torch.nn.Module):
+    """A detector that finds every image's box; counts its calls and signals its own process (SIGTERM) at
+    the ``signal_at``-th."""
+
+    def __init__(self, signal_at=None):
+        super().__init__()
+        self.calls, self.signal_at = 0, signal_at
+
+    def forward(self, images):
+        self.calls += 1
+        if self.calls == self.signal_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return [{"boxes": torch.tensor([[2.0, 2.0, 10.0, 10.0]]), "scores": torch.tensor([0.9]),
+                 "labels": torch.tensor([1])} for _ in images]
+
+
+@pytest.mark.parametrize("phase", ["training", "after training", "eval-only"])
+def test_a_stop_signal_ends_an_evaluation_at_the_next_batch(phase, tmp_path, capsys, own_signal_handlers):
+    cpu = torch.device("cpu")
+    run, _ = tiny_run(run_args(tmp_path / "run", eval_only=phase == "eval-only"), max_iters=2)
+    if phase == "after training":
+        run.finish(run.model.state_dict(), {})
+    loader = build_eval_loader(BlankImages(6), 1, 0, cpu)
+    assert evaluate(BoxFinder(), loader, cpu, run=run)["bbox"]["AP"] == 1.0  # no signal: the whole evaluation
+    model = BoxFinder(signal_at=2)
+    with pytest.raises(engine.Stopped) as stop:
+        evaluate(model, loader, cpu, run=run)
+    assert stop.value.code == 128 + signal.SIGTERM and model.calls == 2  # not 6
+    err = capsys.readouterr().err
+    if phase == "training":  # an --eval-every evaluation: the run checkpoints and continues later
+        assert "stopped by SIGTERM at iteration 0: wrote" in err
+        assert checkpoint.load(str(tmp_path / "run" / "checkpoint_last.pth"))["iteration"] == 0
+    elif phase == "after training":
+        final = tmp_path / "run" / "model_final.pth"
+        assert f"the trained weights are in {final}" in err and "--resume auto" in err
+        assert not os.path.exists(tmp_path / "run" / "checkpoint_last.pth")  # nothing more to checkpoint
+    else:
+        assert "stopped by SIGTERM during the evaluation (--eval-only)" in err
+        assert not os.path.exists(tmp_path / "run" / "checkpoint_last.pth")
+
+
+def test_a_stop_signal_ends_rank_0s_cocoeval_at_once(tmp_path, monkeypatch, own_signal_handlers):
+    """COCOeval runs for minutes on a large set, and no stop point reaches into it."""
+    def endless_cocoeval(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+    monkeypatch.setattr(coco_eval, "coco_evaluate", endless_cocoeval)
+    run, _ = tiny_run(run_args(tmp_path / "run", eval_only=True))
+    t0 = time.time()
+    with pytest.raises(engine.Stopped):
+        evaluate(BoxFinder(), build_eval_loader(BlankImages(3), 1, 0, torch.device("cpu")), torch.device("cpu"),
+                 run=run)
+    assert time.time() - t0 < 10
+
+
+class CountingStops:
+    """A Run's stop points, counted; the ``stop_at``-th raises Stopped as an agreed stop would."""
+
+    def __init__(self, stop_at=None):
+        self.calls, self.stop_at = 0, stop_at
+
+    def stop_point(self):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise engine.Stopped(128 + signal.SIGTERM)
+
+
+def test_the_erf_pass_reaches_a_stop_point_before_every_position():
+    import montage
+    torch.manual_seed(0)
+    model = montage.MontageNet("resnet18", 3)
+    images = torch.randn(2, 3, 64, 96)  # 2 x 3 output positions
+    stops = CountingStops()
+    erf = montage.effective_receptive_fields(model, images, stops)
+    assert stops.calls == 6
+    assert torch.equal(erf, montage.effective_receptive_fields(model, images))  # the stop points change nothing
+    with pytest.raises(engine.Stopped):
+        montage.effective_receptive_fields(model, images, CountingStops(stop_at=2))
+
+
+class SignalRank1At:
+    """Rank 1 gets a SIGTERM (its own, as if the scheduler reached it first) just before its ``call``-th stop
+    point; every call goes on to the Run's real stop point."""
+
+    def __init__(self, run, call):
+        self.run, self.call, self.calls = run, call, 0
+
+    def stop_point(self):
+        self.calls += 1
+        if self.calls == self.call and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.run.stop_point()
+
+
+def _two_ranks(rank, tmp):
+    """One rank of the two of test_stops_inside_evaluations_and_erf_passes_are_agreed_by_every_rank."""
+    import montage
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=2,
+                                         timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    cpu, outcome = torch.device("cpu"), {}
+    loader = build_eval_loader(BlankImages(5), 1, 0, cpu)  # rank 0: 3 batches, rank 1: 2
+    torch.manual_seed(0)
+    net, images = montage.MontageNet("resnet18", 3), torch.randn(1, 3, 96, 96)  # 9 positions: rank 0 5, rank 1 4
+    cases = {"eval: rank 1 in a batch both have": lambda run: evaluate(BoxFinder(1 if rank == 1 else None), loader,
+                                                                        cpu, run=run),
+             "eval: rank 0 in its last batch": lambda run: evaluate(BoxFinder(3 if rank == 0 else None), loader,
+                                                                     cpu, run=run),
+             "erf: rank 1": lambda run: montage.effective_receptive_fields(net, images, SignalRank1At(run, 3)),
+             "erf: no signal": lambda run: montage.effective_receptive_fields(net, images, run)}
+    for name, case in cases.items():
+        run, _ = tiny_run(run_args(f"{tmp}/{len(outcome)}"), max_iters=2)
+        try:
+            case(run)
+            outcome[name] = "finished"
+        except engine.Stopped as stop:
+            outcome[name] = f"stopped {stop.code}"
+        torch.distributed.barrier()
+    with open(f"{tmp}/rank{rank}.json", "w") as f:
+        json.dump(outcome, f)
+
+
+def test_stops_inside_evaluations_and_erf_passes_are_agreed_by_every_rank(tmp_path):
+    """Shards of unequal length (5 images, 9 ERF positions over 2 ranks) and a signal seen by one rank only:
+    both ranks stop at the same point and leave the collectives the same way, within the test's time."""
+    # forked: the ranks start with this process' modules imported (spawned, each would import them again)
+    context = torch.multiprocessing.start_processes(_two_ranks, args=(str(tmp_path),), nprocs=2, join=False,
+                                                    start_method="fork")
+    deadline = time.time() + 240
+    while not context.join(timeout=5):
+        if time.time() > deadline:
+            for proc in context.processes:
+                proc.kill()
+            raise AssertionError("the ranks hang")
+    outcomes = [json.load(open(tmp_path / f"rank{rank}.json")) for rank in (0, 1)]
+    expected = {"eval: rank 1 in a batch both have": "stopped 143", "eval: rank 0 in its last batch": "stopped 143",
+                "erf: rank 1": "stopped 143", "erf: no signal": "finished"}
+    assert outcomes == [expected, expected]
+    for case in range(3):  # each stop checkpointed once, by rank 0, with both ranks' random states
+        assert len(checkpoint.load(str(tmp_path / str(case) / "checkpoint_last.pth"))["rng"]) == 2
