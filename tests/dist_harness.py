@@ -138,7 +138,8 @@ def main():
         os.makedirs(os.path.dirname(record.initial_file), exist_ok=True)
         hidden = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE")}  # init_distributed: one plain process
         plain_loader_dist, seed_everything = loader.dist, dist.seed_everything
-        loader.dist = SimpleNamespace(get_rank=lambda: rank, get_world_size=lambda: world)
+        loader.dist = SimpleNamespace(get_rank=lambda: rank, get_world_size=lambda: world,
+                                      all_gather_object=lambda obj: [obj])  # its skipped-image count: its own
         dist.seed_everything = lambda seed: seed_everything(seed + rank)
         try:
             cli.run(module.main, module.get_args_parser(), solo_args)
