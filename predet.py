@@ -74,10 +74,11 @@ from torchvision.transforms import v2
 from common import cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_head, parts_of
-from common.engine import Run, prepare_output_dir
+from common.engine import Run
 from common.loader import build_train_loader
 from common.proposals import load_proposals
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import normalize
 
 SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the CPU demo's
@@ -577,19 +578,34 @@ def main(args):
     max_iters = min(total, args.max_iters or total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, {global_views} views), lr {base_lr:g} "
           f"x0.1 at {lr_steps}, warmup {args.warmup_iters}")
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
-              samples_per_iter=args.batch_size, device=device, method="predet")
+    run = Run(args, method="predet", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(model_without_ddp, optimizer, scaler)
+    if args.resume:  # model, optimizer, scaler, iteration and random streams from the newest checkpoint
+        run.resume()
 
     model.train()
     for it, (views, info) in run.batches(train_loader):
-        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        lr = set_lr(optimizer, lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
         views = views.to(device, non_blocking=True).float().div_(255)
         view1, view2 = normalize(views[:, 0]), normalize(views[:, 1])
         q1, q2 = ([i[k].to(device) for i in info] for k in ("queries1", "queries2"))
         cls_targets = torch.stack([i["cls_target"] for i in info]).to(device)
         with run.autocast():
-            losses = model(view1, view2, q1, q2, cls_targets)
-        run.step(losses)
+            losses = model(view1, view2, q1, q2, cls_targets)  # loss_cls, loss_crpn_cls/reg, loss_info, ...
+        loss = sum(losses.values())  # all weights 1 (Eq. 1, 2)
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.log_losses(losses, loss, lr)
 
     state = export_state(model_without_ddp)
     run.finish(state, {"method": "predet", "finetune_recipe": FINETUNE_RECIPE,
