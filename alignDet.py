@@ -477,9 +477,7 @@ def main(args):
 
     # model: online detector (+ DDP), EMA teacher
     online = build_box_domain_model(args).to(device)
-    model = online
-    if dist.get_world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(online, device)
     teacher = EmaTeacher(online)  # after DDP has broadcast rank 0's weights: every rank's teacher starts equal
 
     # optimisation: the 1x schedule, lr scaled linearly from global batch 16

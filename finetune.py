@@ -208,8 +208,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if dist.get_world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(model, device)
 
     # optimisation: the 1x schedule, at the recipe's lr (resolve_recipe)
     global_batch = args.batch_size * dist.get_world_size()

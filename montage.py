@@ -515,8 +515,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if dist.get_world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(model, device)
 
     # optimisation: the paper's recipe at global batch 512, lr scaled linearly
     global_batch = args.batch_size * dist.get_world_size()

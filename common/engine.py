@@ -1,29 +1,14 @@
-"""What every training loop shares (detection evaluation: common.coco_eval.evaluate).
+"""The plumbing every training loop shares; the loop itself, every line that changes a weight, stays in the
+script (see any of them: ``run = Run(...)``, ``run.checkpoints_hold(model, optimizer, scaler, ...)``,
+``if args.resume: run.resume()``, then ``for it, batch in run.batches(loader):`` ... ``run.finite(loss,
+losses)``, backward and step ... ``run.log_losses(...)``, and ``run.finish(...)``).
 
-A script's loop reads (the schedule, the losses and every line that changes a weight stay in the script):
-
-    run = Run(args, method=..., device=device, iters_per_epoch=..., max_iters=..., samples_per_iter=...)
-    run.checkpoints_hold(model_without_ddp, optimizer, scaler, teacher=...)   # what a checkpoint holds
-    if args.resume:
-        run.resume()                                # the resume point: all of it, the iteration, the RNGs
-    for it, batch in run.batches(loader):           # resumes mid-epoch; logs, checkpoints, stops on SIGTERM
-        lr = set_lr(optimizer, lr_at(it, ...))
-        with run.autocast():
-            losses = model(...)                     # a dict of named loss terms
-        loss = sum(losses.values())
-        if not run.finite(loss, losses):            # agreed over ranks: skipped (--skip-nonfinite) or stop
-            continue
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        ... clip, scaler.step(optimizer), scaler.update(), the method's EMA update ...
-        run.log_losses(losses, loss, lr)
-    run.finish(final_state, meta)                   # model_final.pth, with the compute in its meta
-
-``Run`` keeps the run's plumbing: checkpoint_last.pth (+ periodic ones) written atomically, exact resume
-(what ``checkpoints_hold`` names, the iteration, every rank's RNG and, through ``common.loader``, the data
-order) refused when a flag that changes the run differs (``common.rundir``), log.txt (one record per
-iteration, also across resumes) and TensorBoard on rank 0, and a clean stop on SIGTERM/SIGINT (checkpoint at
-the next iteration boundary or ``stop_point``, exit status 128 + signal).
+``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically at epoch ends, every --ckpt-every
+iterations and on a stop; exact resume (what ``checkpoints_hold`` names, the iteration, every rank's RNG and,
+through ``common.loader``, the data order), refused when a flag that changes the run differs
+(``common.rundir``); log.txt (one record per iteration, also across resumes) and TensorBoard on rank 0; the
+finiteness check of each step, agreed over ranks; and a clean stop on SIGTERM/SIGINT (a checkpoint at the next
+iteration boundary or ``stop_point``, exit status 128 + signal). Detection evaluation: common.coco_eval.
 """
 import os
 import signal
@@ -37,7 +22,7 @@ from common import checkpoint, dist
 from common.cli import UserError
 from common.loader import skipped_images
 from common.metrics import Meter, RunLog, peak_memory_mb
-from common.rundir import HARMLESS_ON_RESUME, changed_flags, flag_change
+from common.rundir import resume_changes
 
 
 def amp_dtype(args, device):
@@ -69,8 +54,7 @@ class Run:
         self.args, self.device, self.method = args, device, method
         self.iters_per_epoch, self.max_iters = iters_per_epoch, max_iters
         self.samples_per_iter = samples_per_iter * dist.get_world_size()
-        self.model = self.optimizer = self.scaler = None
-        self.extra = {}
+        self.model, self.optimizer, self.scaler, self.extra = None, None, None, {}
         self.amp = amp_dtype(args, device)
         self.ckpt = checkpoint.Checkpointer(args.output_dir, args.keep_ckpts)
         self.log = RunLog(args.output_dir, args.tensorboard)
@@ -87,9 +71,8 @@ class Run:
         self.t0 = time.time()
 
     def checkpoints_hold(self, model, optimizer, scaler, **extra):
-        """What every checkpoint holds and ``resume`` loads: the model (without DDP), the optimizer, the AMP
-        scaler and the method's own state (``extra``: {name: object with state_dict()/load_state_dict()},
-        e.g. AlignDet's EMA teacher), next to the iteration, the elapsed time and every rank's RNG streams."""
+        """What every checkpoint holds and ``resume`` loads: the model (without DDP), the optimizer, the AMP scaler
+        and the method's own state (``extra``: {name: an object with state_dict()/load_state_dict()})."""
         self.model, self.optimizer, self.scaler, self.extra = model, optimizer, scaler, extra
 
     # ---- loop ----
@@ -262,13 +245,7 @@ class Run:
         ck = checkpoint.load(path, kind="train_state")
         if ck["meta"].get("method") != self.method:
             raise UserError(f"{path} was written by {ck['meta'].get('method')}, not {self.method}")
-        changed = changed_flags(ck.get("args", {}), vars(self.args))
-        if not getattr(self.args, "eval_only", False):  # an evaluation needs the weights only
-            refused = {k: v for k, v in changed.items() if k not in HARMLESS_ON_RESUME}
-            if refused:
-                raise UserError(f"{path} was written by a run with other flags: " + ", ".join(
-                    flag_change(k, *values) for k, values in refused.items()) + "; resuming with them "
-                    "would not continue that run: restore them, or start a new run in another --output-dir")
+        changed = resume_changes(path, ck.get("args", {}), self.args)
         try:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -279,13 +256,9 @@ class Run:
         for k, obj in self.extra.items():
             obj.load_state_dict(ck["extra"][k])
         self.iteration = self.start_iter = ck["iteration"]
-        logged = {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
         if not getattr(self.args, "eval_only", False):  # an evaluation leaves the run's log as it is
-            if logged:
-                print("resuming with changed flags that leave the run as it was: " + ", ".join(
-                    flag_change(k, *values) for k, values in logged.items()))
             self.log.truncate(self.start_iter)
-            self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": logged}})
+            self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": changed}})
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
@@ -305,8 +278,7 @@ class Run:
 
     def compute_meta(self):
         """Compute accounting for model_final.pth meta and results.json."""
-        wall = self.elapsed()
-        world = dist.get_world_size()
+        wall, world = self.elapsed(), dist.get_world_size()
         return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",

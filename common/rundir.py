@@ -120,3 +120,22 @@ def flag_change(dest, old, new):
 def changed_flags(old, new):
     """{dest: [old value, new value]} of the flags that differ (a flag missing on one side is None there)."""
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+
+
+def resume_changes(path, saved, args):
+    """The flags of a resumed run that differ from those ``saved`` in its checkpoint at ``path``: one line
+    refusing any that would not continue the same run (an --eval-only run needs the weights only), else
+    {flag: [old, new]} of the harmless ones, printed (the run logs them)."""
+    changed = changed_flags(saved, vars(args))
+    if getattr(args, "eval_only", False):
+        return {}
+    refused = {k: v for k, v in changed.items() if k not in HARMLESS_ON_RESUME}
+    if refused:
+        raise UserError(f"{path} was written by a run with other flags: " + ", ".join(
+            flag_change(k, *values) for k, values in refused.items()) + "; resuming with them would not continue "
+            "that run: restore them, or start a new run in another --output-dir")
+    logged = {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
+    if logged:
+        print("resuming with changed flags that leave the run as it was: " + ", ".join(
+            flag_change(k, *values) for k, values in logged.items()))
+    return logged
