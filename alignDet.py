@@ -58,12 +58,12 @@ from torchvision.transforms.v2 import functional as TF
 from common import checkpoint, cli, dist, proposals
 from common.coco import CocoDetection, resolve_data
 from common.detectors import FINAL_LAYERS, add_detector_args, build_detector, check_detector_args, detector_kwargs
-from common.engine import Run, prepare_output_dir, targets_to
+from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import LR_1X, lr_at, param_groups, scaled_lr, schedule_1x, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import PRESETS, to_float_batch, train_augment, train_resize
 
-PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
 # How AlignDet fine-tunes (its official fine-tuning configs; written into model_final.pth, applied by
 # finetune.py --protocol paper). Their FPN has SyncBN, which this repo's FPN (no norm) has no counterpart for.
 FINETUNE_RECIPE = {"bn": "affine", "trainable_layers": 3, "lr_mult": 1.5, "wd_mult": 0.5,
@@ -477,30 +477,30 @@ def main(args):
 
     # model: online detector (+ DDP), EMA teacher
     online = build_box_domain_model(args).to(device)
-    model = online
-    if dist.get_world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(online, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(online, device)
     teacher = EmaTeacher(online)  # after DDP has broadcast rank 0's weights: every rank's teacher starts equal
 
     # optimisation: the 1x schedule, lr scaled linearly from global batch 16
     global_batch = args.batch_size * dist.get_world_size()
-    base_lr = args.lr or scaled_lr(PAPER_LR[args.detector], 16, global_batch)
+    base_lr = args.lr or scaled_lr(LR_1X[args.detector], 16, global_batch)
     optimizer = torch.optim.SGD(param_groups(online, args.weight_decay), lr=base_lr, momentum=args.momentum)
     iters_per_epoch = loader.batch_sampler.batches_per_epoch
-    if args.iters:
-        total, lr_steps = args.iters, [round(args.iters * 8 / 12), round(args.iters * 11 / 12)]
-    else:
-        total, lr_steps = args.epochs * iters_per_epoch, [s * iters_per_epoch for s in args.lr_steps]
+    total, lr_steps = schedule_1x(args.iters, args.epochs, args.lr_steps, iters_per_epoch)
     max_iters = min(total, args.max_iters or total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), lr {base_lr:g} "
           f"x0.1 at {lr_steps}, warmup {args.warmup_iters}; EMA momentum {args.align_ema} -> 1"
           + (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))
-    run = Run(args, online, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
-              samples_per_iter=args.batch_size, device=device, method="aligndet", extra={"teacher": teacher})
+    run = Run(args, method="aligndet", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(online, optimizer, scaler, teacher=teacher)
+    if args.resume:  # online model, optimizer, scaler, EMA teacher, iteration and random streams
+        run.resume()
 
     model.train()
     for it, (images1, targets1, images2, targets2) in run.batches(loader):
-        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        lr = set_lr(optimizer, lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
         images1, targets1 = to_float_batch(images1, device), targets_to(targets1, device, keys=("boxes", "ids"))
         images2, targets2 = to_float_batch(images2, device), targets_to(targets2, device, keys=("boxes", "ids"))
         with run.autocast():
@@ -509,8 +509,18 @@ def main(args):
                 keys, key_ids, _ = teacher.model(images2, targets2)  # view 2, teacher: [N', D], [N']
             losses["loss_contrast"] = args.align_contrast_weight * box_contrastive_loss(
                 queries, query_ids, keys, key_ids, args.align_temperature)
-        if run.step(losses):
-            teacher.update(online, momentum_at(it, total, args.align_ema))
+        loss = sum(losses.values())
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        teacher.update(online, momentum_at(it, total, args.align_ema))  # teacher = m teacher + (1 - m) online
+        run.log_losses(losses, loss, lr)
 
     # export the online detector in the fine-tune key space, without its final class/box layers
     meta = run.finish(checkpoint.final_state(online.detector, drop=() if args.align_keep_heads else FINAL_LAYERS),

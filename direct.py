@@ -54,9 +54,10 @@ from torchvision.transforms.v2 import functional as F
 from common import checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import add_detector_args, build_detector_from_args, check_detector_args, count_parameters
-from common.engine import Run, prepare_output_dir, targets_to
+from common.engine import Run, targets_to
 from common.loader import build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import IMAGENET_MEAN, to_float_batch, train_augment
 
 PAPER_BATCH = 64  # 8 GPUs x 8 images
@@ -261,10 +262,8 @@ def main(args):
         model = model.to(memory_format=torch.channels_last)
     print(f"model: {args.detector} {args.backbone} ({args.box_head} box head), {train_set.num_classes} classes, "
           f"{count_parameters(model) / 1e6:.1f}M parameters, BN: {args.bn}")
-    model_without_ddp = model
-    if dist.get_world_size() > 1:  # per-GPU BN statistics, not re-broadcast from rank 0 at every step (mmdet)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device] if device.type == "cuda" else None, forward_sync_buffers=False)
+    model_without_ddp = model  # per-GPU BN statistics, not re-broadcast from rank 0 at every step (mmdet):
+    model = dist.data_parallel(model, device, forward_sync_buffers=False)
 
     # optimisation: SGD, no weight decay on norm layers, warmup then a fixed lr
     global_batch = args.batch_size * dist.get_world_size()
@@ -279,17 +278,32 @@ def main(args):
     print(f"schedule: {length} = {total} iterations at global batch {global_batch} ({total / iters_per_epoch:.1f} "
           f"epochs of {len(train_set)} images), lr {base_lr:g} fixed after {warmup} warmup iterations" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
-              samples_per_iter=args.batch_size, device=device, method="direct")
+    run = Run(args, method="direct", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(model_without_ddp, optimizer, scaler)
+    if args.resume:  # model, optimizer, scaler, iteration and random streams from the newest checkpoint
+        run.resume()
 
     model.train()
     for it, (images, targets) in run.batches(loader):
-        run.set_lr(direct_lr(it, base_lr, warmup))
+        lr = set_lr(optimizer, direct_lr(it, base_lr, warmup))
         images = to_float_batch(images, device)  # B x [3 x L x L], normalised inside the detector
         targets = targets_to(targets, device)  # boxes N_i x 4, labels N_i, (masks N_i x L x L)
         with run.autocast():
             losses = model(images, targets)  # e.g. loss_objectness, loss_rpn_box_reg, loss_classifier, ...
-        run.step(losses)
+        loss = sum(losses.values())
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.log_losses(losses, loss, lr)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp),
                       {"method": "direct", "finetune_recipe": FINETUNE_RECIPE,

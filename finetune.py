@@ -38,13 +38,13 @@ from common import checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import add_detector_args, build_detector_from_args, check_detector_args
 from common.coco_eval import evaluate
-from common.engine import Run, prepare_output_dir, targets_to
+from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
-from common.optim import lr_at, param_groups
+from common.optim import LR_1X, lr_at, param_groups, schedule_1x, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import PRESETS, eval_resize, to_float_batch, train_augment, train_resize
 
 DEFAULT_ARCHITECTURE = {"detector": "maskrcnn", "backbone": "resnet50", "box_head": "4conv1fc"}
-PAPER_LR = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}  # at global batch 16
 SCHEDULES = {"1x": (12, (8, 11)), "2x": (24, (16, 22))}  # epochs, lr steps (epochs)
 
 
@@ -166,10 +166,10 @@ def resolve_recipe(args, device):
               "not applied)")
         return meta, method, recipe, args.lr
     global_batch = args.batch_size * dist.get_world_size()
-    base = args.base_lr if args.base_lr is not None else PAPER_LR[args.detector] * global_batch / 16
+    base = args.base_lr if args.base_lr is not None else LR_1X[args.detector] * global_batch / 16
     print(f"  --lr {base * recipe['lr_mult']:g}: {base:g} ("
           + ("--base-lr" if args.base_lr is not None else
-             f"the 1x lr: {PAPER_LR[args.detector]:g} at global batch 16, scaled to {global_batch}")
+             f"the 1x lr: {LR_1X[args.detector]:g} at global batch 16, scaled to {global_batch}")
           + f") x the recipe's multiplier {recipe['lr_mult']:g}")
     return meta, method, recipe, base * recipe["lr_mult"]
 
@@ -208,8 +208,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if dist.get_world_size() > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(model, device)
 
     # optimisation: the 1x schedule, at the recipe's lr (resolve_recipe)
     global_batch = args.batch_size * dist.get_world_size()
@@ -220,37 +219,48 @@ def main(args):
     iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
     epochs, steps = SCHEDULES[args.schedule]
     epochs, steps = args.epochs or epochs, args.lr_steps or steps
-    if args.iters:
-        total = args.iters
-        lr_steps = [round(total * 8 / 12), round(total * 11 / 12)]
-    else:
-        total, lr_steps = epochs * iters_per_epoch, [s * iters_per_epoch for s in steps]
+    total, lr_steps = schedule_1x(args.iters, epochs, steps, iters_per_epoch)
     max_iters = min(total, args.max_iters or total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), "
           f"lr {base_lr:g} x0.1 at {lr_steps}, warmup {args.warmup_iters}" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))
     if not args.eval_only:
         cli.warn_if_slow_on_cpu(device, max_iters, args.batch_size, args.preset)
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
-              samples_per_iter=args.batch_size, device=device, method="finetune")
+    run = Run(args, method="finetune", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(model_without_ddp, optimizer, scaler)
+    if args.resume:  # model, optimizer, scaler, iteration and random streams from the newest checkpoint
+        run.resume()
     if args.eval_only:
-        stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
+        stats = evaluate(model_without_ddp, val_loader, device, run.amp, args.eval_backend, run)
         write_results(args, stats, init_meta, run.compute_meta(), eval_only=True)
         return
 
     def on_epoch_end(epoch):
         if args.eval_every and (epoch + 1) % args.eval_every == 0 and run.iteration < max_iters:
-            stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
+            stats = evaluate(model_without_ddp, val_loader, device, run.amp, args.eval_backend, run)
             run.log.scalars(epoch + 1, stats["bbox"], prefix="test/bbox_")
             return {f"test_bbox_{k}": v for k, v in stats["bbox"].items()}
 
     model.train()
     for it, (images, targets) in run.batches(train_loader, on_epoch_end):
-        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        lr = set_lr(optimizer, lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
         images, targets = to_float_batch(images, device), targets_to(targets, device)
         with run.autocast():
-            losses = model(images, targets)
-        run.step(losses)
+            losses = model(images, targets)  # loss_classifier, loss_box_reg, (loss_mask), loss_objectness, ...
+        loss = sum(losses.values())
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.log_losses(losses, loss, lr)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp),
                       {"method": "finetune", "detector": args.detector, "backbone": args.backbone,
@@ -263,7 +273,7 @@ def main(args):
                        "trained": "all" if args.trainable_layers == 5 else "all but the frozen ResNet stages"})
     if args.no_eval:
         return
-    stats = evaluate(model_without_ddp, val_loader, device, run.dtype, args.eval_backend, run)
+    stats = evaluate(model_without_ddp, val_loader, device, run.amp, args.eval_backend, run)
     run.log.jsonl({"iteration": run.iteration, **{f"test_bbox_{k}": v for k, v in stats["bbox"].items()}})
     write_results(args, stats, init_meta, meta)
 

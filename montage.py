@@ -56,9 +56,10 @@ from tqdm import tqdm
 from common import checkpoint, cli, dist
 from common.coco import BadImageError, CocoDetection, resolve_data
 from common.detectors import BACKBONES
-from common.engine import Run, prepare_output_dir
+from common.engine import Run
 from common.loader import SeededDataset, build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import normalize
 
 STRIDE = 32  # of the ResNet's last stage
@@ -514,8 +515,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if dist.get_world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(model, device)
 
     # optimisation: the paper's recipe at global batch 512, lr scaled linearly
     global_batch = args.batch_size * dist.get_world_size()
@@ -528,24 +528,38 @@ def main(args):
           f"loss {args.montage_loss}" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < args.iters else ""))
     erf = ErfLabels(args.montage_size, args.montage_split, args.montage_tau, device)
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
-              max_iters=max_iters, samples_per_iter=4 * args.batch_size, device=device, method="montage",
-              extra={"erf": erf} if args.montage_loss == "erf" else {})
+    run = Run(args, method="montage", device=device, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
+              max_iters=max_iters, samples_per_iter=4 * args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(model_without_ddp, optimizer, scaler, **({"erf": erf} if args.montage_loss == "erf" else {}))
+    if args.resume:  # model, optimizer, scaler, ERF label weights, iteration and random streams
+        run.resume()
 
     model.train()
     for it, (images, labels) in run.batches(loader):
         if args.montage_loss == "erf" and it % args.montage_erf_every == 0:
             erf.update(model_without_ddp, erf_batch(montages, args.montage_erf_batch, it, args.seed, device), it,
                        run)
-        run.set_lr(lr_at(it, base_lr, "cosine", args.iters, args.warmup_iters, args.warmup_factor))
+        lr = set_lr(optimizer, lr_at(it, base_lr, "cosine", args.iters, args.warmup_iters, args.warmup_factor))
         images = normalize(images.to(device, non_blocking=True).float().div_(255))  # B x 3 x S x S
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         with run.autocast():
             logits = model(images)  # B x (K+1) x S/32 x S/32
-        loss = montage_loss(logits, labels.to(device, non_blocking=True), erf.cell_region, args.montage_loss,
-                            erf.weights)
-        run.step({"loss_cls": loss})
+        losses = {"loss_cls": montage_loss(logits, labels.to(device, non_blocking=True), erf.cell_region,
+                                           args.montage_loss, erf.weights)}
+        loss = sum(losses.values())
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.log_losses(losses, loss, lr)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp, keep=("backbone",)),
                       {"method": "montage", "finetune_recipe": FINETUNE_RECIPE,

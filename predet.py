@@ -21,36 +21,28 @@ same module as torchvision's RPNHead conv) and the box head (as ``roi_heads.box_
 common/detectors.py's Faster/Mask R-CNN; RPN objectness/deltas and the box predictor start fresh in
 fine-tuning. A part whose losses were switched off is not exported.
 
-Choices where the paper is silent (flag, default):
-  --predet-queries random|proposals (random): random boxes (sqrt-area fraction of the two crops' overlap
-    in --predet-random-scale 0.1 0.8, aspect 1/3..3) or the repo's selective-search file (--proposals;
-    the paper's EdgeBoxes need a model file we cannot get); queries are clipped to the overlap of the two
-    crops so both views show the same content, kept when >= --predet-min-query 8 px in both views, NMS'd at
-    --predet-query-nms 0.5 and randomly sampled; an image with no visible proposal gets random queries.
-    The two crop windows are redrawn (10 tries, then one window for both) until their overlap holds a
-    query; MoCo-v2's crop area --predet-crop-scale 0.2 1.0, colour jitter and blur (sigma ~ U(0.1, 2)) on
-    PIL views, with hue and blur through OpenCV (10x faster than PIL's; the hue equal within rounding, the
-    blur a true Gaussian where PIL's approximates it with box filters).
-  --predet-dim 256: D of the CRPN features and of the CROI embedding/regression projections.
-  CRPN: d2 RPN defaults: --predet-crpn-batch 256 anchors/image at --predet-crpn-pos-fraction 0.5 (the
-    paper's 128 + 128, negatives fill in), low-quality matches on (--predet-crpn-no-low-quality for the
-    literal 0.7 rule), deltas weights (1,1,1,1); proposals: --predet-pre-nms 2000 per level,
-    --predet-nms 0.7, --predet-post-nms 512 per image, plus the queries in view-1 coordinates.
-  --predet-smooth-l1-beta 0.0 (d2's L1) for both regressions; CROI box coder weights (10, 10, 5, 5).
-  CROI: the positive is drawn uniformly among proposals with IoU > 0.5 with the query; P_neg is drawn
-    uniformly among those with IoU < 0.5 to every query (--predet-neg 512); negatives are per image.
-  --predet-no-crpn (Table 1): the CROI head sees 4 jittered copies of each query and --predet-post-nms
-    random boxes instead of CRPN proposals.
-  Schedule: the paper's 540k iterations at 1024 views do not fit COCO; default --epochs 100 of COCO
-    train2017, lr 0.2 at 1024 views scaled linearly, x0.1 at 1/5..4/5 of training, 1000-iteration
-    warmup, SGD momentum 0.9, weight decay 1e-4 (d2). --init scratch (the paper trains from scratch),
-    plain BN (SyncBN on several GPUs). meta "images_seen" counts images (2 views each).
-  The paper's Fig. 5b (IoU vs feature similarity) for any checkpoint: python -m common.similarity CKPT.
+Choices where the paper is silent (each a flag; defaults in --help):
+- Queries: random boxes (sqrt-area 0.1-0.8 of the two crops' overlap, aspect 1/3..3) or a selective-search
+  file (--proposals; the paper's EdgeBoxes need a model file we cannot get), clipped to the overlap of the
+  two crops (redrawn up to 10 times until it holds a query) so both views show the same content, >= 8 px in
+  both views, NMS 0.5, a random Q; an image with no visible proposal gets random queries. MoCo-v2's views on
+  PIL images, hue and blur through OpenCV (10x faster; the hue equal within rounding, the blur a true
+  Gaussian where PIL's approximates it with box filters).
+- D = 256 for the CRPN features and the CROI projections. CRPN: detectron2's RPN defaults (256 anchors per
+  image, half positive, low-quality matches, delta weights 1), proposals: top 2000 per level, NMS 0.7, 512
+  per image, plus the queries. Both regressions L1 (d2's smooth-L1 beta 0), CROI box coder (10, 10, 5, 5).
+  CROI: one positive drawn among proposals with IoU > 0.5 with the query, P_neg (512) among those under 0.5
+  with every query of the image. --predet-no-crpn (Table 1): 4 jittered copies of each query and 512 random
+  boxes instead of CRPN proposals.
+- Schedule: the paper's 540k iterations at 1024 views do not fit COCO: 100 COCO epochs, lr 0.2 at 1024 views
+  scaled linearly, x0.1 at 1/5..4/5, 1000-iteration warm-up, SGD momentum 0.9, weight decay 1e-4, from
+  scratch with plain BN (SyncBN on several GPUs). meta "images_seen" counts images (2 views each).
+The paper's Fig. 5b (IoU vs feature similarity) for any checkpoint: python -m common.similarity CKPT.
 
     python predet.py                                 # synthetic set, defaults (slow on a CPU: use the next one)
     python predet.py --backbone resnet18 --preset cpu --anchor-scale 0.5 --predet-dim 64 --predet-num-queries 8 \\
-        --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 16 --warmup-iters 4 --lr 0.02 --clip-grad 10 \\
-        --device cpu --workers 1                     # CPU demo, ~1.5 min on 2 cores
+        --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 50 --warmup-iters 5 --lr 0.0015625 \\
+        --clip-grad 10 --device cpu --workers 1      # CPU demo (make demo's), ~1.5 min on 2 cores
     torchrun --nproc_per_node=8 predet.py --data-path /data/coco        # 8 GPUs x 4 images (8 views)
 lr for other GPU counts: 0.2 x (2 x batch-size x NGPU) / 1024.
 """
@@ -71,16 +63,18 @@ from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes
 from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.transforms import v2
 
-from common import cli, dist
+from common import checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_head, parts_of
-from common.engine import Run, prepare_output_dir
+from common.engine import Run
 from common.loader import build_train_loader
 from common.proposals import load_proposals
-from common.optim import lr_at, param_groups, scaled_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.rundir import prepare_output_dir
 from common.transforms import normalize
 
 SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the CPU demo's
+# what transfers, renamed into common/detectors.py's Faster/Mask R-CNN keys
 EXPORT = (("backbone.", "backbone."), ("crpn.conv.", "rpn.head.conv."), ("croi.box_head.", "roi_heads.box_head."))
 # How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
 FINETUNE_RECIPE = {"bn": "train", "trainable_layers": 5, "mask_head_lr_mult": 4.0, "preset": "multiscale",
@@ -501,16 +495,6 @@ def jittered_and_random(queries, size, n):
     return clip_boxes_to_image(torch.cat([jittered, rand]), size)
 
 
-def export_state(model):
-    """The transferable weights, renamed into common/detectors.py's Faster/Mask R-CNN keys."""
-    out = {}
-    for key, value in model.state_dict().items():
-        for src, dst in EXPORT:
-            if key.startswith(src):
-                out[dst + key[len(src):]] = value.detach().cpu()
-    return out
-
-
 # ---------------------------------------------------------------- the script
 def check_args(args, device):
     cli.check_args(args)
@@ -563,8 +547,7 @@ def main(args):
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model_without_ddp = model
-    if dist.get_world_size() > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    model = dist.data_parallel(model, device)
 
     # optimisation: lr 0.2 at 1024 views, x0.1 at four uniform steps
     global_views = 2 * args.batch_size * dist.get_world_size()
@@ -577,21 +560,36 @@ def main(args):
     max_iters = min(total, args.max_iters or total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, {global_views} views), lr {base_lr:g} "
           f"x0.1 at {lr_steps}, warmup {args.warmup_iters}")
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
-              samples_per_iter=args.batch_size, device=device, method="predet")
+    run = Run(args, method="predet", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,
+              samples_per_iter=args.batch_size)
+    scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    run.checkpoints_hold(model_without_ddp, optimizer, scaler)
+    if args.resume:  # model, optimizer, scaler, iteration and random streams from the newest checkpoint
+        run.resume()
 
     model.train()
     for it, (views, info) in run.batches(train_loader):
-        run.set_lr(lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
+        lr = set_lr(optimizer, lr_at(it, base_lr, "step", total, args.warmup_iters, 0.001, lr_steps))
         views = views.to(device, non_blocking=True).float().div_(255)
         view1, view2 = normalize(views[:, 0]), normalize(views[:, 1])
         q1, q2 = ([i[k].to(device) for i in info] for k in ("queries1", "queries2"))
         cls_targets = torch.stack([i["cls_target"] for i in info]).to(device)
         with run.autocast():
-            losses = model(view1, view2, q1, q2, cls_targets)
-        run.step(losses)
+            losses = model(view1, view2, q1, q2, cls_targets)  # loss_cls, loss_crpn_cls/reg, loss_info, ...
+        loss = sum(losses.values())  # all weights 1 (Eq. 1, 2)
+        if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        run.log_losses(losses, loss, lr)
 
-    state = export_state(model_without_ddp)
+    state = checkpoint.final_state(model_without_ddp, rename=EXPORT)  # in the detector's keys
     run.finish(state, {"method": "predet", "finetune_recipe": FINETUNE_RECIPE,
                        "detector": "fasterrcnn", "backbone": args.backbone,
                        "box_head": args.box_head, "num_classes": train_set.num_classes,

@@ -208,10 +208,14 @@ def print_report(report, path, meta):
         print(f"  {part:<16}" + "".join(f"{report[part][c]:>15}" for c in cols))
 
 
-def final_state(model, keep=None, drop=()):
-    """The state dict to export: only parts in ``keep`` (None = all), without parts in ``drop``."""
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()
-            if (keep is None or part_of(k) in keep) and part_of(k) not in drop}
+def final_state(model, keep=None, drop=(), rename=None):
+    """The state dict to export: only parts in ``keep`` (None = all), without parts in ``drop``; with
+    ``rename`` ((source prefix, exported prefix), ...), only the keys under a source prefix, renamed."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()
+             if (keep is None or part_of(k) in keep) and part_of(k) not in drop}
+    if rename is None:
+        return state
+    return {dst + k[len(src):]: v for k, v in state.items() for src, dst in rename if k.startswith(src)}
 
 
 def save_final(path, state_dict, meta):

@@ -70,6 +70,15 @@ def _setup_printing(is_main):
     builtins.print = rank_print
 
 
+def data_parallel(model, device, **kwargs):
+    """``model`` in DistributedDataParallel under torchrun (``kwargs`` go to it), the model itself in one
+    process: gradients are averaged over ranks in backward."""
+    if get_world_size() == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                     **kwargs)
+
+
 def seed_everything(seed):
     """Seeds python, numpy and torch with ``seed + rank`` (each rank draws differently)."""
     seed = seed + get_rank()

@@ -1,30 +1,18 @@
-"""What every training loop shares (detection evaluation: common.coco_eval.evaluate).
+"""The plumbing every training loop shares; the loop itself, every line that changes a weight, stays in the
+script (see any of them: ``run = Run(...)``, ``run.checkpoints_hold(model, optimizer, scaler, ...)``,
+``if args.resume: run.resume()``, then ``for it, batch in run.batches(loader):`` ... ``run.finite(loss,
+losses)``, backward and step ... ``run.log_losses(...)``, and ``run.finish(...)``).
 
-A script's loop reads (the schedule and the losses stay in the script):
-
-    run = Run(args, model_without_ddp, optimizer, iters_per_epoch=len(loader), max_iters=..., ...)
-    for it, batch in run.batches(loader):       # resumes mid-epoch, logs, checkpoints, handles SIGTERM
-        run.set_lr(lr_at(it, ...))
-        with run.autocast():
-            losses = {...}                      # a dict of named loss terms
-        run.step(losses)                        # backward (AMP scaler), non-finite check, clip, step
-    run.finish(final_state, meta)               # model_final.pth, with compute in its meta
-
-``Run`` owns the run directory contract: checkpoint_last.pth (+ periodic ones) written atomically,
-exact resume (model, optimizer, scaler, iteration, every rank's RNG, the method's ``extra`` state and,
-through ``common.loader``, the data order) refused when a flag that changes the run differs, log.txt (one
-record per iteration, also across resumes) and TensorBoard on rank 0, and a clean stop on SIGTERM/SIGINT
-(checkpoint at the next iteration boundary or ``stop_point``, exit status 128 + signal).
-``prepare_output_dir`` gives a run directory to one run at a time (a lock the kernel drops with the process).
+``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically at epoch ends, every --ckpt-every
+iterations and on a stop; exact resume (what ``checkpoints_hold`` names, the iteration, every rank's RNG and,
+through ``common.loader``, the data order), refused when a flag that changes the run differs
+(``common.rundir``); log.txt (one record per iteration, also across resumes) and TensorBoard on rank 0; the
+finiteness check of each step, agreed over ranks; and a clean stop on SIGTERM/SIGINT (a checkpoint at the next
+iteration boundary or ``stop_point``, exit status 128 + signal). Detection evaluation: common.coco_eval.
 """
-import fcntl
-import json
 import os
-import shutil
 import signal
-import socket
 import sys
-import tempfile
 import time
 
 import torch
@@ -34,84 +22,7 @@ from common import checkpoint, dist
 from common.cli import UserError
 from common.loader import skipped_images
 from common.metrics import Meter, RunLog, peak_memory_mb
-
-
-LOCK_FILE = ".lock"
-_run_lock = None  # rank 0's open, locked <output-dir>/.lock: held for the life of the process
-
-
-def _lock_run_dir(out):
-    """Takes an exclusive flock on <out>/.lock for the rest of this process' life, or raises UserError naming
-    the process that holds it. The kernel drops the lock when the process ends, however it ends (SIGKILL
-    included), so a crashed run never leaves it stuck."""
-    global _run_lock
-    if _run_lock is not None:  # one run per process (a second main() in the same process)
-        _run_lock.close()
-        _run_lock = None
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, LOCK_FILE), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "a process that has not written its id yet"
-        f.close()
-        raise UserError(f"{out} is in use by another run ({holder}); wait for it to end or stop it, or choose "
-                        "another --output-dir") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    _run_lock = f
-
-
-def _drop_lock_in_child():
-    """A forked child (a DataLoader worker) closes its copy of the lock's descriptor: the lock stays with the
-    main process (a flock belongs to the open file, which the parent keeps open) and dies with it, also while
-    an orphaned worker is still shutting down."""
-    global _run_lock
-    if _run_lock is not None:
-        _run_lock.close()
-        _run_lock = None
-
-
-os.register_at_fork(after_in_child=_drop_lock_in_child)
-
-
-def prepare_output_dir(args, default):
-    """Sets args.output_dir (default runs/<script>/<tag>), locks it for this run (rank 0, for the life of the
-    process), refuses to silently reuse a finished or started run (resume it or pass --overwrite), and writes
-    args.json: the record of what the run is, kept as it is when the run is resumed (or evaluated)."""
-    args.output_dir = args.output_dir or default
-    out = args.output_dir
-    error = None
-    if dist.is_main_process():
-        try:
-            _lock_run_dir(out)
-        except UserError as e:
-            error = str(e)
-    started = any(os.path.exists(os.path.join(out, f)) for f in ("checkpoint_last.pth", "model_final.pth"))
-    if error is None and started and not args.overwrite and not args.resume and not getattr(args, "eval_only", False):
-        error = (f"{out} already holds a run; add --resume auto to continue it, --overwrite to start over, or "
-                 "choose another --output-dir")
-    error = dist.broadcast_object(error)  # every rank leaves the same way
-    if error is not None:
-        args.output_dir = None  # another run's directory: nothing of this attempt goes there (no error.txt)
-        raise UserError(error)
-    if started and args.overwrite and dist.is_main_process():
-        for name in os.listdir(out):  # everything but the lock this run holds
-            path = os.path.join(out, name)
-            if name != LOCK_FILE:
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    dist.barrier()
-    if dist.is_main_process():
-        if os.path.exists(os.path.join(out, "error.txt")):
-            os.remove(os.path.join(out, "error.txt"))  # a new attempt: the last one's error is stale
-        record = os.path.join(out, "args.json")
-        if not (started and not args.overwrite and os.path.exists(record)):
-            with open(record, "w") as f:
-                json.dump({"script": os.path.basename(sys.argv[0]), **vars(args)}, f, indent=1)
-    return out
+from common.rundir import resume_changes
 
 
 def amp_dtype(args, device):
@@ -132,48 +43,19 @@ class _Interrupted(BaseException):
     ``except Exception`` swallows it)."""
 
 
-# Flags that leave the rest of a resumed run bit-identical (and its evaluation the same): a resume may change
-# them (they are logged); any other difference is refused, since it would not continue the same run.
-HARMLESS_ON_RESUME = {
-    "resume": "how this attempt starts", "overwrite": "how this attempt starts",
-    "output_dir": "where the files go", "data_cache": "where generated data goes (generated the same)",
-    "print_freq": "logging only (and how often ranks agree on a stop)", "tensorboard": "logging only",
-    "ckpt_every": "checkpoint files only", "keep_ckpts": "checkpoint files only",
-    "dist_timeout": "how long a stuck collective waits",
-    "workers": "the data are a function of (seed, epoch, position), not of the worker (common.loader)",
-    "max_iters": "where this attempt stops; the schedule comes from the other flags",
-    "skip_bad_images": "a bad image stops the run without it, is skipped with it: no run differs in its numbers",
-    "no_eval": "whether the final evaluation runs", "eval_backend": "the same COCO stats either way",
-}
-
-
-def _flag_change(dest, old, new):
-    """'--flag old -> new' as on the command line."""
-    if dest == "tensorboard":  # --no-tb stores False in args.tensorboard
-        return f"--no-tb {old is False} -> {new is False}"
-    return f"--{dest.replace('_', '-')} {old} -> {new}"
-
-
-def _changes(old, new):
-    """{dest: [old value, new value]} of the flags that differ (a flag missing on one side is None there)."""
-    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
-
-
 class Run:
-    """Training-loop state shared by every script; see the module docstring.
+    """Training-loop plumbing shared by every script; see the module docstring.
 
     samples_per_iter: samples one iteration consumes on ONE rank (images; Montage: samples).
-    extra: {name: object with state_dict()/load_state_dict()} saved with and restored from checkpoints.
+    amp: the autocast dtype (None: fp32); a script's GradScaler is enabled for fp16 only.
     """
 
-    def __init__(self, args, model, optimizer, *, iters_per_epoch, max_iters, samples_per_iter, device,
-                 method, extra=None):
-        self.args, self.model, self.optimizer, self.device, self.method = args, model, optimizer, device, method
+    def __init__(self, args, *, method, device, iters_per_epoch, max_iters, samples_per_iter):
+        self.args, self.device, self.method = args, device, method
         self.iters_per_epoch, self.max_iters = iters_per_epoch, max_iters
         self.samples_per_iter = samples_per_iter * dist.get_world_size()
-        self.extra = extra or {}
-        self.dtype = amp_dtype(args, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.model, self.optimizer, self.scaler, self.extra = None, None, None, {}
+        self.amp = amp_dtype(args, device)
         self.ckpt = checkpoint.Checkpointer(args.output_dir, args.keep_ckpts)
         self.log = RunLog(args.output_dir, args.tensorboard)
         self.iteration = self.start_iter = 0
@@ -186,9 +68,12 @@ class Run:
         self._interrupt_now = False  # inside interruptible(): a signal ends it at once
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        if args.resume:
-            self._resume()
         self.t0 = time.time()
+
+    def checkpoints_hold(self, model, optimizer, scaler, **extra):
+        """What every checkpoint holds and ``resume`` loads: the model (without DDP), the optimizer, the AMP scaler
+        and the method's own state (``extra``: {name: an object with state_dict()/load_state_dict()})."""
+        self.model, self.optimizer, self.scaler, self.extra = model, optimizer, scaler, extra
 
     # ---- loop ----
     def batches(self, loader, on_epoch_end=None):
@@ -226,54 +111,40 @@ class Run:
                 t = time.perf_counter()
         bar.close()
 
-    def set_lr(self, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_mult", 1.0)
-        self.lr = lr
-        return lr
-
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None)
+        return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)
 
-    def step(self, losses):
-        """Backward + optimizer step on sum(losses.values()). Returns False if the step was skipped
-        because the loss was not finite (allowed ``--skip-nonfinite`` times, then a clear stop).
-        The finiteness check is one host sync per step (agreed over ranks, so DDP never diverges)."""
-        total = sum(losses.values())
-        finite = torch.isfinite(total.detach()).float()
+    def finite(self, loss, losses):
+        """Whether this step's loss is finite on every rank (one host sync per step, agreed over ranks so
+        that DDP never diverges). A non-finite loss is skipped (False) up to --skip-nonfinite times, then stops
+        the run with one line, after writing the state before the step to checkpoint_debug_<iteration>.pth."""
+        finite = torch.isfinite(loss.detach()).float()
         if dist.get_world_size() > 1:
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if not finite.item():
-            self._nonfinite(losses)
-            return False
-        self.scaler.scale(total).backward()
-        if self.args.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        values = dict(losses, loss=total)
-        self.meter.update(values)
-        self.epoch_meter.update(values)
-        return True
-
-    def _nonfinite(self, losses):
-        self.optimizer.zero_grad(set_to_none=True)
-        terms = " ".join(f"{k}={float(v):.4g}" for k, v in losses.items())
+        if finite.item():
+            return True
+        terms = " ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items())
         if self.skipped_steps < self.args.skip_nonfinite:
             self.skipped_steps += 1
             print(f"warning: non-finite loss at iteration {self.iteration} ({terms}); step skipped "
                   f"({self.skipped_steps}/{self.args.skip_nonfinite} allowed)")
-            return
+            return False
         path = os.path.join(self.args.output_dir, f"checkpoint_debug_{self.iteration}.pth")
         state = self.state()
         if dist.is_main_process():
             checkpoint.save(state, path)
-        raise UserError(f"non-finite loss at iteration {self.iteration} (lr {self.lr:.4g}): {terms}; wrote the "
+        group = self.optimizer.param_groups[0]
+        lr = group["lr"] / group.get("lr_mult", 1.0)
+        raise UserError(f"non-finite loss at iteration {self.iteration} (lr {lr:.4g}): {terms}; wrote the "
                         f"state before this step to {path}; lower the lr, set --clip-grad, or pass "
                         "--skip-nonfinite N to tolerate N such steps")
+
+    def log_losses(self, losses, loss, lr):
+        """Adds a step's loss terms and total to the running means of the log (no host sync)."""
+        values = dict(losses, loss=loss)
+        self.meter.update(values)
+        self.epoch_meter.update(values)
+        self.lr = lr
 
     def _after_iteration(self, it, bar):
         args = self.args
@@ -363,7 +234,10 @@ class Run:
             self.ckpt.save(state, periodic)
         dist.barrier()
 
-    def _resume(self):
+    def resume(self):
+        """--resume: continues the run from its newest checkpoint (--resume auto) or the one given: loads what
+        ``checkpoints_hold`` named, the iteration, the elapsed time and this rank's random streams, after
+        refusing (one line) flags that would not continue the same run; harmless changes are logged."""
         path = self.ckpt.latest() if self.args.resume == "auto" else self.args.resume
         if path is None:
             print(f"--resume auto: no checkpoint in {self.args.output_dir} yet, starting from iteration 0")
@@ -371,13 +245,7 @@ class Run:
         ck = checkpoint.load(path, kind="train_state")
         if ck["meta"].get("method") != self.method:
             raise UserError(f"{path} was written by {ck['meta'].get('method')}, not {self.method}")
-        changed = _changes(ck.get("args", {}), vars(self.args))
-        if not getattr(self.args, "eval_only", False):  # an evaluation needs the weights only
-            refused = {k: v for k, v in changed.items() if k not in HARMLESS_ON_RESUME}
-            if refused:
-                raise UserError(f"{path} was written by a run with other flags: " + ", ".join(
-                    _flag_change(k, *values) for k, values in refused.items()) + "; resuming with them "
-                    "would not continue that run: restore them, or start a new run in another --output-dir")
+        changed = resume_changes(path, ck.get("args", {}), self.args)
         try:
             self.model.load_state_dict(ck["model"])
             self.optimizer.load_state_dict(ck["optimizer"])
@@ -388,14 +256,9 @@ class Run:
         for k, obj in self.extra.items():
             obj.load_state_dict(ck["extra"][k])
         self.iteration = self.start_iter = ck["iteration"]
-        logged = {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
         if not getattr(self.args, "eval_only", False):  # an evaluation leaves the run's log as it is
-            if logged:
-                print("resuming with changed flags that leave the run as it was: " + ", ".join(
-                    _flag_change(k, *values) for k, values in logged.items()))
-            if dist.is_main_process():
-                self._truncate_log(self.start_iter)
-            self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": logged}})
+            self.log.truncate(self.start_iter)
+            self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": changed}})
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
@@ -403,35 +266,6 @@ class Run:
             print(f"warning: {path} was written by {len(ck['rng'])} processes, this run has "
                   f"{dist.get_world_size()}: the data order continues, random streams do not match exactly")
         print(f"resumed from {path} at iteration {self.start_iter}")
-
-    def _truncate_log(self, iteration):
-        """Drops the log.txt records past ``iteration`` (the resumed run writes them again) and a line cut by
-        a kill, by writing the rest to a temporary file renamed over log.txt: a kill meanwhile leaves either."""
-        path = self.log.path
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("iteration", record.get("resumed", {}).get("iteration", 0)) <= iteration:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        if kept == lines:
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-log-", dir=os.path.dirname(path))
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.writelines(kept)
-            os.chmod(tmp, os.stat(path).st_mode & 0o777)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
 
     # ---- summaries ----
     def epoch_summary(self, losses):
@@ -444,8 +278,7 @@ class Run:
 
     def compute_meta(self):
         """Compute accounting for model_final.pth meta and results.json."""
-        wall = self.elapsed()
-        world = dist.get_world_size()
+        wall, world = self.elapsed(), dist.get_world_size()
         return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",

@@ -1,5 +1,6 @@
 """Two log channels, human and machine (DETR's habit): printed lines + TensorBoard scalars, and one
-JSON line per epoch (and per evaluation) in ``<output-dir>/log.txt``. Only rank 0 writes.
+JSON line per logged iteration, per epoch and per evaluation in ``<output-dir>/log.txt`` (``read_jsonl``
+reads it back). Only rank 0 writes.
 
 ``Meter`` accumulates named scalar tensors on their device, so that logging costs no host sync
 except at the print interval.
@@ -54,6 +55,20 @@ class RunLog:
         if dist.is_main_process():
             with open(self.path, "a") as f:
                 f.write(json.dumps(dict(record, time=round(time.time(), 1))) + "\n")
+
+    def truncate(self, iteration):
+        """Drops the records past ``iteration`` (a resumed run writes them again) and a line cut by a kill
+        (rank 0): the rest is written to a temporary file renamed over log.txt, so a kill meanwhile leaves
+        one or the other."""
+        if not dist.is_main_process() or not os.path.exists(self.path):
+            return
+        records = read_jsonl(self.path)
+        kept = [r for r in records if r.get("iteration", r.get("resumed", {}).get("iteration", 0)) <= iteration]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.chmod(tmp, os.stat(self.path).st_mode & 0o777)
+        os.replace(tmp, self.path)
 
     def close(self):
         if self.tb is not None:

@@ -1,7 +1,7 @@
 """Learning-rate schedules as pure functions of the iteration, the linear scaling rule, parameter groups.
 
-Each script calls ``lr = lr_at(it, ...)`` every iteration and writes it into the optimizer
-(``Run.set_lr``): no hidden scheduler objects, and resuming needs nothing but the iteration.
+Each script calls ``lr = set_lr(optimizer, lr_at(it, ...))`` every iteration: no hidden scheduler objects,
+and resuming needs nothing but the iteration.
 """
 import math
 
@@ -21,6 +21,26 @@ def lr_at(it, base_lr, schedule="step", total_iters=1, warmup_iters=0, warmup_ra
         progress = min(1.0, (it - warmup_iters) / max(1, total_iters - warmup_iters))
         return base_lr * 0.5 * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+# The 1x detection recipe (torchvision's references, detectron2, mmdet): the lr at global batch 16, 12 epochs with
+# the lr x0.1 after epochs 8 and 11 (at 8/12 and 11/12 of a run given in iterations)
+LR_1X = {"fasterrcnn": 0.02, "maskrcnn": 0.02, "retinanet": 0.01, "fcos": 0.01}
+
+
+def schedule_1x(iters, epochs, lr_steps, iters_per_epoch):
+    """(total iterations, lr step iterations) of a 1x-style schedule: ``iters`` with the steps at 8/12 and
+    11/12 of it, else ``epochs`` x ``iters_per_epoch`` with the steps after the epochs in ``lr_steps``."""
+    if iters:
+        return iters, [round(iters * 8 / 12), round(iters * 11 / 12)]
+    return epochs * iters_per_epoch, [s * iters_per_epoch for s in lr_steps]
+
+
+def set_lr(optimizer, lr):
+    """Writes ``lr`` into every parameter group, times the group's 'lr_mult' (``param_groups``); returns lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr
 
 
 def scaled_lr(paper_lr, paper_batch, global_batch, what="lr"):

@@ -22,6 +22,8 @@ import re
 import statistics
 import sys
 
+from common.metrics import read_jsonl
+
 from common.cli import HelpFormatter
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -106,7 +108,7 @@ def stage_status(run_dir):
         with open(error) as f:
             reason = f.read().strip()
         return reason if reason.startswith("skipped: ") else "failed: " + reason
-    last = _last_iteration(os.path.join(run_dir, "log.txt"))
+    last = max((r["iteration"] for r in read_jsonl(os.path.join(run_dir, "log.txt")) if "iteration" in r), default=None)
     return f"incomplete: stopped after iteration {last}" if last else "incomplete: no iteration logged"
 
 
@@ -126,18 +128,6 @@ def missing_row(runs_dir, name):
         return dict(row, status=f"not run: its pre-training {stage} finished, the fine-tune never started")
     return dict(row, status=f"not run: its pre-training {stage} did not finish: "
                             f"{stage_status(os.path.join(runs_dir, stage))}")
-
-
-def _last_iteration(log_path):
-    last = None
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            for line in f:
-                try:
-                    last = json.loads(line).get("iteration", last)
-                except json.JSONDecodeError:
-                    pass  # a line cut by a crash
-    return last
 
 
 def find_runs(runs_dir):

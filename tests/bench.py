@@ -14,7 +14,7 @@ bench run. For each data pipeline at its paper-default size: loader-only items/s
 one thread (= per DataLoader worker), and selective-search images/s for the proposal generator. COCO
 evaluation seconds per 1000 images (bbox, segm; pycocotools and faster-coco-eval) on 100 fabricated
 detections per image.
-Plus the engine overhead: one training step through ``common.engine.Run`` against the same
+Plus the engine overhead: one training step as the scripts write it (with ``common.engine.Run``) against the same
 torchvision model stepped in a bare loop on the same batch. Nothing here is asserted: figures only.
 """
 import argparse
@@ -32,6 +32,7 @@ import torch
 from common import coco, coco_eval, engine, loader, transforms
 from common.cli import HelpFormatter
 from common.detectors import build_detector
+from common.optim import set_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,7 +211,8 @@ def loader_throughput(dataset, n=128, repeats=3):
 
 
 def engine_overhead(data, steps=4, rounds=3):
-    """Median step time through Run.step / the same step in a bare loop, on one fixed CPU batch."""
+    """Median time of a script's step (set_lr, autocast, Run.finite's host sync, the GradScaler, Run.log_losses) /
+    the same step in a bare loop, on one fixed CPU batch."""
     ds = coco.CocoDetection(data.train_images, data.train_ann, transforms.train_augment(), keep_empty=False,
                             resize=transforms.train_resize("cpu"))
     images, targets = loader.collate_detection([ds[i] for i in range(4)])
@@ -222,8 +224,10 @@ def engine_overhead(data, steps=4, rounds=3):
     import finetune
     with tempfile.TemporaryDirectory() as out:
         args = finetune.get_args_parser().parse_args(["--output-dir", out, "--no-tb", "--device", "cpu"])
-        run = engine.Run(args, model, opt, iters_per_epoch=100, max_iters=100, samples_per_iter=4,
-                         device=torch.device("cpu"), method="bench")
+        run = engine.Run(args, method="bench", device=torch.device("cpu"), iters_per_epoch=100, max_iters=100,
+                         samples_per_iter=4)
+        scaler = torch.amp.GradScaler("cpu", enabled=run.amp == torch.float16)
+        run.checkpoints_hold(model, opt, scaler)
 
         def bare(seed):
             torch.manual_seed(seed)
@@ -234,10 +238,16 @@ def engine_overhead(data, steps=4, rounds=3):
 
         def ours(seed):
             torch.manual_seed(seed)
-            run.set_lr(1e-4)
+            lr = set_lr(opt, 1e-4)
             with run.autocast():
                 losses = model(images, targets)
-            run.step(losses)
+            loss = sum(losses.values())
+            if run.finite(loss, losses):
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                run.log_losses(losses, loss, lr)
 
         times = {"bare": [], "engine": []}
         bare(0)

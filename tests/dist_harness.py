@@ -7,7 +7,7 @@ Always recorded, per process: every batch of (index, sample seed) the training s
 ``Run.finish`` the full training state of the process (the model's state dict, without DDP, and the method's
 extra state: AlignDet's EMA teacher, Montage's ERF label weights) -> ``<output-dir>/rank<R>.pt``, R = this
 process's rank (so that the tests see whether the ranks of one run agree); and the state every rank starts
-from, rank 0's when ``Run`` is created, -> ``<output-dir>/initial.pt`` (the tests measure steps from it;
+from, rank 0's when the script hands it to ``Run.checkpoints_hold``, -> ``<output-dir>/initial.pt`` (the tests measure steps from it;
 with --reference-first it is solo0/initial.pt).
 ``{run}`` in ARGS becomes "ddp".
 
@@ -18,7 +18,7 @@ with --reference-first it is solo0/initial.pt).
     told the rank and the world size), its random streams are seeded as rank r's (seed + r,
     ``common.dist.seed_everything``) and, as DDP broadcasts rank 0's weights when it wraps the model, its
     model and the method's extra state start from rank 0's (passed through solo0/initial.pt, taken when
-    ``Run`` is created). After one SGD step (no warm-up, no clipping) the distributed run's parameters must be
+    the script hands them to ``Run.checkpoints_hold``). After one SGD step (no warm-up, no clipping) the distributed run's parameters must be
     the mean of the played ranks', its logged loss their mean, its BN running statistics rank 0's.
     --solo-args="..." adds arguments to the played runs only.
 --ghost-bn N: BatchNorm2d in training mode normalises each consecutive group of N images of a batch with the
@@ -101,13 +101,12 @@ def main():
             yield batch
 
     loader.TrainBatchSampler.__iter__ = recording_iter
-    run_init, run_finish = engine.Run.__init__, engine.Run.finish
+    run_hold, run_finish = engine.Run.checkpoints_hold, engine.Run.finish
 
-    def init(self, args, model, optimizer, **kwargs):
-        extra = kwargs.get("extra") or {}
+    def hold(self, model, optimizer, scaler, **extra):
         if record.playing == 0 or (record.playing is None and not opts.reference_first and dist.get_rank() == 0):
             # the state every rank starts from (DDP broadcasts rank 0's): the tests measure updates from it
-            path = record.initial_file or os.path.join(args.output_dir, "initial.pt")
+            path = record.initial_file or os.path.join(self.args.output_dir, "initial.pt")
             torch.save({"model": state_of(model), "extra": {k: state_of(v) for k, v in extra.items()}}, path + ".tmp")
             os.replace(path + ".tmp", path)
         elif record.playing is not None:  # every played rank starts from rank 0's state, as DDP makes it
@@ -119,7 +118,7 @@ def main():
             for k, v in extra.items():
                 if initial["extra"][k] is not None:
                     v.load_state_dict(initial["extra"][k])
-        run_init(self, args, model, optimizer, **kwargs)
+        run_hold(self, model, optimizer, scaler, **extra)
 
     def finish(self, state_dict, meta):
         rank = dist.get_rank() if record.playing is None else record.playing
@@ -128,7 +127,7 @@ def main():
                    os.path.join(self.args.output_dir, f"rank{rank}.pt"))
         return run_finish(self, state_dict, meta)
 
-    engine.Run.__init__, engine.Run.finish = init, finish
+    engine.Run.checkpoints_hold, engine.Run.finish = hold, finish
 
     if opts.reference_first:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

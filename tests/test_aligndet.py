@@ -511,7 +511,7 @@ def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal
     m = 1 - (1 - base)(cos(pi it / total) + 1) / 2 (iterations 0 and 2 of 40)."""
     events, batches, forwards, losses_in = [], [], [], []
     real_collate, real_forward = alignDet.collate_views, alignDet.BoxDomainModel.forward
-    real_loss, real_step, real_update = alignDet.box_contrastive_loss, Run.step, alignDet.EmaTeacher.update
+    real_loss, real_finite, real_update = alignDet.box_contrastive_loss, Run.finite, alignDet.EmaTeacher.update
 
     def collate(batch):
         batches.append(real_collate(batch))
@@ -527,8 +527,8 @@ def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal
         value = real_loss(*args)
         return value * float("nan") if len(losses_in) == 2 else value
 
-    def step(self, losses):
-        events.append(("step", real_step(self, losses)))
+    def finite(self, loss, losses):  # True: the step is taken
+        events.append(("step", real_finite(self, loss, losses)))
         return events[-1][1]
 
     def update(self, online, m):
@@ -538,7 +538,7 @@ def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal
         monkeypatch.setattr(alignDet, name, fn)
     monkeypatch.setattr(alignDet.BoxDomainModel, "forward", forward)
     monkeypatch.setattr(alignDet.EmaTeacher, "update", update)
-    monkeypatch.setattr(Run, "step", step)
+    monkeypatch.setattr(Run, "finite", finite)
     out = str(tmp_path / "run")
     cli.run(alignDet.main, alignDet.get_args_parser(), [
         *AD, *shapes, "--detector", "fcos", "--batch-size", "1", "--backbone-weights", "scratch", "--align-proposals",

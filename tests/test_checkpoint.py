@@ -13,11 +13,12 @@ import time
 import pytest
 import torch
 
-from common import checkpoint, cli, engine
+from common import checkpoint, cli, engine, rundir
 from common import loader as data_loader
 from common.cli import UserError
 from common.detectors import build_detector
 from common.metrics import read_jsonl
+from common.optim import set_lr
 
 
 def tiny(name="fasterrcnn", k=5, backbone="resnet18", norm="bn"):
@@ -160,7 +161,7 @@ FIRST_RUN = """
 import fcntl, json, os, sys, time
 out = sys.argv[1]
 os.makedirs(out)
-lock = open(os.path.join(out, ".lock"), "a+")  # what a run's rank 0 holds for its life (common.engine)
+lock = open(os.path.join(out, ".lock"), "a+")  # what a run's rank 0 holds for its life (common.rundir)
 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 lock.write(f"pid {os.getpid()} on this host\\n")
 lock.flush()
@@ -178,7 +179,7 @@ def second_run(out, *flags):
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--resume", default=None)
     parser.add_argument("--who", default="second")
-    cli.run(lambda args: engine.prepare_output_dir(args, None), parser, ["--output-dir", str(out), *flags])
+    cli.run(lambda args: rundir.prepare_output_dir(args, None), parser, ["--output-dir", str(out), *flags])
 
 
 def test_a_second_run_into_a_live_run_directory_is_refused_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
@@ -227,16 +228,29 @@ def run_args(out, **changes):
 
 
 def tiny_run(args, max_iters=8, width=3):
-    """A Run over a 2-parameter-tensor model, 6 iterations per epoch, as a script builds it."""
-    engine.prepare_output_dir(args, None)
+    """A Run over a 2-parameter-tensor model, 6 iterations per epoch, as a script builds it (resumed when
+    ``args.resume``)."""
+    rundir.prepare_output_dir(args, None)
     torch.manual_seed(0)
     model = torch.nn.Linear(width, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loader = data_loader.build_train_loader(Points(), args.batch_size, 0, args.seed, torch.device("cpu"),
                                             collate_fn=torch.utils.data.default_collate)
-    return engine.Run(args, model, optimizer, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
-                      max_iters=max_iters, samples_per_iter=args.batch_size, device=torch.device("cpu"),
-                      method="test"), loader
+    run = engine.Run(args, method="test", device=torch.device("cpu"), max_iters=max_iters,
+                     iters_per_epoch=loader.batch_sampler.batches_per_epoch, samples_per_iter=args.batch_size)
+    run.checkpoints_hold(model, optimizer, torch.amp.GradScaler("cpu", enabled=False))
+    if args.resume:
+        run.resume()
+    return run, loader
+
+
+def sgd_step(run, loss, lr=0.0):
+    """The optimisation step of a script's loop (no AMP, no clipping)."""
+    if run.finite(loss, {"loss": loss}):
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.log_losses({"loss": loss}, loss, lr)
 
 
 def train(run, loader, signal_in_iteration=None):
@@ -248,9 +262,9 @@ def train(run, loader, signal_in_iteration=None):
             os.kill(os.getpid(), signal.SIGTERM)
             run.stop_point()
         noise = torch.randn(3)  # the global RNG, as dropout or a sampler draws from it: resumed exactly
-        run.set_lr(run.args.lr)
+        lr = set_lr(run.optimizer, run.args.lr)
         loss = ((run.model(x + noise) - 1) ** 2).mean()
-        run.step({"loss": loss})
+        sgd_step(run, loss, lr)
         losses[it] = loss.item()
     return losses
 
@@ -328,7 +342,7 @@ def test_resume_keeps_one_log_record_per_iteration(tmp_path, own_signal_handlers
     for it, x in run.batches(loader):
         if it == 5:  # iterations 0..4 done and logged, the last checkpoint at 3
             break
-        run.step({"loss": (run.model(x) ** 2).mean()})
+        sgd_step(run, (run.model(x) ** 2).mean())
     with open(out / "log.txt", "a") as f:
         f.write('{"iteration": 6, "lo')  # a line cut by the kill
     assert [r["iteration"] for r in read_jsonl(str(out / "log.txt"))] == [1, 2, 3, 4, 5]
@@ -346,7 +360,7 @@ def test_a_forked_worker_that_outlives_its_killed_run_does_not_keep_the_lock(tmp
     """A DataLoader worker is a fork of rank 0: if it kept a copy of the lock, a run killed with SIGKILL would
     stay locked while its orphaned workers wind down (or hang in a read)."""
     out = tmp_path / "run"
-    engine.prepare_output_dir(argparse.Namespace(output_dir=str(out), overwrite=False, resume=None), None)
+    rundir.prepare_output_dir(argparse.Namespace(output_dir=str(out), overwrite=False, resume=None), None)
     ready, started = os.pipe()
     worker = os.fork()
     if worker == 0:  # the worker: alive for the rest of the test
@@ -355,8 +369,8 @@ def test_a_forked_worker_that_outlives_its_killed_run_does_not_keep_the_lock(tmp
         os._exit(0)
     try:
         assert os.read(ready, 1) == b"1"
-        engine._run_lock.close()  # the run's main process dies (what the kernel does to its files on SIGKILL)
-        engine._run_lock = None
+        rundir._run_lock.close()  # the run's main process dies (what the kernel does to its files on SIGKILL)
+        rundir._run_lock = None
         with open(out / ".lock") as other:
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free for the next run although the worker lives
     finally:

@@ -195,10 +195,10 @@ class StopBeforeWriting(Exception):
 
 
 def capture_main(argv, its, monkeypatch, world=1):
-    """Runs direct.main in-process with a stand-in for common.engine.Run: the model and optimizer main builds,
-    Run's keyword arguments, the training set the loader reads, and the lr main sets at each iteration of
-    ``its(max_iters)``. The detector computes nothing (its forward returns no losses); pre-trained weights or
-    a checkpoint read fail. ``world`` > 1: rank 0 of that many processes, DDP's arguments recorded."""
+    """Runs direct.main in-process with a stand-in for common.engine.Run: the model and optimizer main builds
+    (as it hands them to Run.checkpoints_hold), Run's keyword arguments, the training set the loader reads, and
+    the lr main sets at each iteration of ``its(max_iters)``. The detector computes nothing (its forward
+    returns no losses); pre-trained weights or a checkpoint read fail. ``world`` > 1: rank 0 of that many processes, DDP's arguments recorded."""
     seen = {"lrs": {}}
 
     def recording_ddp(module, **kwargs):
@@ -212,8 +212,12 @@ def capture_main(argv, its, monkeypatch, world=1):
         raise AssertionError(f"Direct pre-training read a checkpoint: {a}")
 
     class RecordingRun:
-        def __init__(self, args, model, optimizer, **kwargs):
-            seen.update(model=model, optimizer=optimizer, **kwargs)
+        def __init__(self, args, **kwargs):
+            seen.update(**kwargs)
+            self.amp = None
+
+        def checkpoints_hold(self, model, optimizer, scaler, **extra):
+            seen.update(model=model, optimizer=optimizer)
             seen["init"] = {k: v.clone() for k, v in model.state_dict().items()}
             model.forward = lambda images, targets: {}
 
@@ -222,14 +226,12 @@ def capture_main(argv, its, monkeypatch, world=1):
             for self.it in its(seen["max_iters"]):
                 yield self.it, ([], [])
 
-        def set_lr(self, lr):
-            seen["lrs"][self.it] = lr
-
         def autocast(self):
             return contextlib.nullcontext()
 
-        def step(self, losses):
-            pass
+        def finite(self, loss, losses):  # reached after set_lr: the lr main set for this iteration
+            seen["lrs"][self.it] = seen["optimizer"].param_groups[0]["lr"]
+            return False  # the detector computed nothing: no step
 
         def finish(self, state, meta):
             raise StopBeforeWriting

@@ -1,7 +1,6 @@
 """finetune.py end to end: one-line errors, and that it learns (exact resume after SIGKILL and SIGTERM:
 test_faults.py; 2-process gloo runs and evaluation shards: test_distributed.py)."""
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import montage
 import predet
 from common import checkpoint
 from common.detectors import build_detector
-from common.engine import Run
-from common.optim import param_groups
+from common.optim import param_groups, set_lr
 from conftest import TINY, run_script
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
@@ -113,7 +111,7 @@ def test_mask_head_lr_multiplier_reaches_the_optimizer():
     mults = {"roi_heads.mask_head.": 4.0, "roi_heads.mask_predictor.": 4.0}
     groups = param_groups(model, 1e-4, lr_mults=mults)
     optimizer = torch.optim.SGD(groups, lr=0.1)
-    Run.set_lr(SimpleNamespace(optimizer=optimizer), 0.01)
+    set_lr(optimizer, 0.01)
     mask = {id(p) for n, p in model.named_parameters() if n.startswith(("roi_heads.mask_head.", "roi_heads.mask_pred"))}
     for group in optimizer.param_groups:
         in_mask = {id(p) in mask for p in group["params"]}

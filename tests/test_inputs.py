@@ -397,11 +397,12 @@ def test_skipped_images_are_counted_in_log_and_meta(tmp_path, capsys):
     model = torch.nn.Linear(1, 1)
     loader = build_train_loader(ImagesWithBadOnes({3, 7}), 5, 0, 0, torch.device("cpu"),
                                 collate_fn=lambda b: b)
-    run = Run(args, model, torch.optim.SGD(model.parameters(), lr=0.1), iters_per_epoch=2, max_iters=4,
-              samples_per_iter=5, device=torch.device("cpu"), method="test")
+    run = Run(args, method="test", device=torch.device("cpu"), iters_per_epoch=2, max_iters=4, samples_per_iter=5)
+    run.checkpoints_hold(model, torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu", enabled=False))
     for it, batch in run.batches(loader):
         assert None not in batch and len(batch) == 5  # a bad image is replaced by the next index
-        run.step({"loss": model(torch.stack([x for x, _ in batch])).sum()})
+        loss = model(torch.stack([x for x, _ in batch])).sum()
+        run.log_losses({"loss": loss}, loss, 0.1)
     epochs = [json.loads(line) for line in open(tmp_path / "log.txt") if '"epoch"' in line]
     # every epoch draws all 10 indices once: the two bad ones are skipped twice per epoch, cumulatively
     assert [r["skipped_images"] for r in epochs] == [2, 4]

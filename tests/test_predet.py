@@ -11,7 +11,7 @@ from torch import nn
 from torchvision import tv_tensors
 
 import predet
-from common import cli
+from common import checkpoint, cli
 from conftest import TINY, iteration_losses, run_script
 
 PD = ["--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--predet-dim", "32",
@@ -588,7 +588,7 @@ def test_export_renames_the_transferable_parts_into_the_detectors_keys(model):
     """model_final.pth: backbone + FPN, the CRPN's 3x3 conv as rpn.head.conv, the CROI box head as
     roi_heads.box_head, each under the fine-tune detector's own key; nothing else (heads of the pretext only)."""
     from common.detectors import build_detector
-    state = predet.export_state(model)
+    state = checkpoint.final_state(model, rename=predet.EXPORT)
     detector = build_detector("fasterrcnn", 3, "resnet18", "bn").state_dict()
     transferable = {k for k in detector if k.startswith(("backbone.", "rpn.head.conv.", "roi_heads.box_head."))}
     assert set(state) == transferable
