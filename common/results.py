@@ -69,8 +69,11 @@ def _recipe(recipe):
     """What the fine-tune applied (finetune.py's meta), in a few words."""
     if not recipe:
         return "?"
-    return (f"{recipe['protocol']}: {recipe['bn']} BN, {5 - recipe['trainable_layers']} stages frozen, "
-            f"lr {recipe['lr']:.3g}, wd {recipe['weight_decay']:.2g}")
+    bn = {"frozen": "BN frozen", "affine": "BN affine only", "bn": "BN trains", "syncbn": "SyncBN trains"}
+    frozen = 5 - recipe["trainable_layers"]
+    return (f"{recipe['protocol']}: {bn.get(recipe['bn'], recipe['bn'])}, "
+            f"{f'{frozen} stages frozen' if frozen else 'nothing frozen'}, lr {recipe['lr']:.3g}, "
+            f"wd {recipe['weight_decay']:.2g}")
 
 
 def read_run(run_dir):

@@ -70,7 +70,7 @@ def test_table_csv_and_plot(tmp_path):
     assert table[0].startswith("| row | method | detector | backbone | pre-train | fine-tune | recipe | AP | AP50 |")
     body = {line.split(" | ")[0][2:]: line for line in table[2:]}
     assert len(table) == 2 + 7
-    assert body["aligndet"] == ("| aligndet | aligndet | fasterrcnn | resnet18 | 7 it | 100 it | paper: affine BN, 2 "
+    assert body["aligndet"] == ("| aligndet | aligndet | fasterrcnn | resnet18 | 7 it | 100 it | paper: BN affine only, 2 "
                                 "stages frozen, lr 0.03, wd 5e-05 | 0.450 | 0.650 | 0.400 | n/a | 0.225 | 0.450 | n/a "
                                 "| 0.450 | 0.7500 | 0.2500 | 1.0000 | cpu | 0 | done |")
     assert body["direct"] == ("| direct | direct | fasterrcnn | resnet18 | P1x | 100 it | ? | 0.500 | 0.700 | 0.450 | "
