@@ -438,9 +438,11 @@ def test_proposal_workers_ignore_ctrl_c():
 # ---- the Makefile checks DATA and the GPUs before anything starts
 def make(*args):
     """make with a virtualenv that cannot be made (PYTHON=false): a check that comes too late fails, installing
-    nothing."""
-    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    return subprocess.run(["make", *args, "VENV=/nonexistent-venv", "PYTHON=false"], cwd=ROOT, capture_output=True,
+    nothing. Run as a top-level make even under `make test` (no inherited MAKELEVEL/MAKEFLAGS, which would make it
+    print "Entering directory" lines)."""
+    inherited = {"CUDA_VISIBLE_DEVICES", "MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES"}
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    return subprocess.run(["make", "--no-print-directory", *args, "VENV=/nonexistent-venv", "PYTHON=false"], cwd=ROOT, capture_output=True,
                           text=True, timeout=60, env=env)
 
 
