@@ -113,7 +113,7 @@ def main():
             deadline = time.time() + 300
             while not os.path.exists(record.initial_file) and time.time() < deadline:
                 time.sleep(0.05)
-            initial = torch.load(record.initial_file)
+            initial = torch.load(record.initial_file, weights_only=True)
             model.load_state_dict(initial["model"])
             for k, v in extra.items():
                 if initial["extra"][k] is not None:

@@ -427,6 +427,19 @@ def test_croi_regression_targets_decode_back_to_the_query():
     assert torch.allclose(model.croi.deltas(b_q, b_p), by_hand, atol=1e-6)
 
 
+def test_croi_similarity_inputs_are_unit_length_embeddings_of_the_box_features():
+    """s_pq is a cosine similarity: each box's embedding FC(b) divided by its own length (not by a norm over
+    the boxes). 3 boxes, D = 8: any other normalisation axis gives other vectors."""
+    model = predet.PreDet(parse("--backbone", "resnet18", "--predet-dim", "8"), num_classes=5).eval()
+    roi_feats = torch.randn(3, 256, 7, 7, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        b, e = model.croi.similarity_inputs(roi_feats)
+        v = b @ model.croi.embed.weight.T + model.croi.embed.bias  # [3, 8]
+    assert b.shape == (3, 1024) and e.shape == (3, 8)
+    assert torch.allclose(e, v / v.pow(2).sum(1, keepdim=True).sqrt(), atol=1e-5)
+    assert torch.allclose((e @ e.T).diagonal(), torch.ones(3), atol=1e-5)  # cosine of a box with itself
+
+
 class BoxFeatures(nn.Module):
     """Stands in for the CROI head: a box's 'feature' is its 4 coordinates (b = them, the embedding a fixed
     smooth function of them, unit length) and the deltas a fixed asymmetric function of (b_q, b_p)."""
