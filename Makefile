@@ -67,7 +67,7 @@ SEED_LIST = $(shell seq 0 $$(( $(SEEDS) - 1 )))
 expect = $(foreach r,$(1),$(foreach s,$(SEED_LIST),ft-$(r)-s$(s)))
 claim_flags = $(foreach c,$(1),--claim '$(c)')
 
-# --- make demo: CPU, the embedded synthetic set, ResNet-18 at 128 px (~12 min on 2 cores; SEEDS=3: ~30 min) ---
+# --- make demo: CPU, the embedded synthetic set, ResNet-18 at 128 px (11 min on 2 cores; SEEDS=3: 26 min) ---
 # The toy protocol, one for every row (README, "The toy protocol": v1 was written down before any result; v2
 # changed one rule, on the pre-trainings' training losses):
 # - fine-tune: Faster R-CNN R18-FPN (2fc box head, a third of 4conv1fc's CPU time), short side 128, batch 4,
