@@ -39,7 +39,7 @@ endif
 endif
 endif
 
-.PHONY: install test demo demo-first demo-runs compare compare-runs proposals finetune bench clean-venv
+.PHONY: install test demo demo-first demo-runs demo-claims claims-runs compare compare-runs proposals finetune bench clean-venv
 .SECONDARY:  # keep every model_final.pth a pattern rule made on the way (make deletes intermediates otherwise)
 .SECONDEXPANSION:
 
@@ -141,6 +141,89 @@ $(D)/ft-scratch-long-s%/results.json: | $(SHAPES)  # LONG_SCRATCH=1: scratch at 
 $(D)/ft-imagenet-s%/results.json: | $(SHAPES)  # offline, torchvision cannot download the weights: the row says so
 	$(DEMO_FT) --init imagenet --seed $* --output-dir $(@D) --resume auto || grep -qs '^skipped:' $(@D)/error.txt
 $(D)/ft-%/results.json: $(D)/%/model_final.pth  # ft-<row>-s<seed> from <row>-s<seed>
+	$(DEMO_FT) --init $< --seed $(lastword $(subst -s, ,$*)) --output-dir $(@D) --resume auto
+
+# --- make demo-claims: the toy protocol v3, the one that decides claims (CPU, 2 cores, ~70 min, 3 seeds) -----
+# Written down and committed before any of its runs (README, "The toy protocol"). make demo above is the smoke
+# and teaching run: one seed, no compute-matched baseline, it decides nothing.
+# - Compute is counted in training FLOPs (Run.train_flops: one iteration's convolutions and matrix products,
+#   forward and backward, times the iterations; Montage's ERF passes counted apart and added), everywhere:
+#   budgets, the table, the plot, the matching. Device-hours are reported beside them, never compared.
+# - Budget rule: every pre-training (a chain of stages: AlignDet's includes its Montage backbone) costs one
+#   fine-tune of compute, B = the scratch fine-tune's FLOPs (60 it x 101.4 GFLOP = 6.08 PFLOP). Iterations below
+#   = B / each stage's FLOPs per iteration, measured once on seed 100 (GFLOP/it: Direct 81.5, Montage 31.3 + 106.6
+#   per ERF pass, PreDet 107.0, PreDet L_cls-only 67.8, AlignDet 99.4). AlignDet spends B/2 on a Montage backbone
+#   (montage-half) and B/2 on its box-domain stage, so that aligndet and montage cost the same.
+# - Each stage keeps its paper's schedule shape (Direct fixed, Montage cosine, PreDet four x0.1 steps at uniform
+#   fractions, AlignDet x0.1 at 8/12 and 11/12) with a linear warm-up over 10% of its iterations; one lr rule for
+#   all: the paper's lr scaled linearly to the toy batch (v2's rule); gradients clipped at norm 10; AlignDet's EMA
+#   momentum 0.9; Montage's ERF every 40 iterations.
+# - Fine-tune: v2's (Faster R-CNN R18-FPN 2fc, 128 px, batch 4, 60 it, warm-up 6, steps at 8/12 and 11/12, lr
+#   0.02), each pre-training with its paper's recipe; aligndet also with the common recipe (aligndet-common:
+#   Montage's recipe, which is the standard one), so that aligndet-common > montage compares pre-trainings only.
+# - Scratch as a curve: 1x, 2x, 4x, 8x the fine-tune (60, 120, 240, 480 it; warm-up 10%, steps at 8/12, 11/12).
+# - Seeds 0, 1, 2: seed s pre-trains and fine-tunes; rows are paired by seed.
+# - A pretext learned when its loss's last logged window (10 iterations) is at least 20% below its first:
+#   Direct the detection loss, Montage loss_cls, PreDet loss_info (L_cls-only: loss_cls), AlignDet loss_contrast;
+#   every stage of a chain must pass. A claim on a row whose pretext did not learn is undecidable, said so.
+# - Claims: "X > scratch" against scratch at X's total compute (pre-training + fine-tune), read off the same
+#   seed's scratch curve (AP interpolated linearly in log FLOPs between the two curve points around it; beyond
+#   the 8x point: undecidable); "A > B" between methods paired by seed. Held when the mean paired difference
+#   exceeds t(0.95, n-1) x its standard error (one-sided paired t-test at 5%; t = 2.920 for 3 seeds); that
+#   product is the smallest difference the protocol can detect at the observed spread, printed with each claim.
+CL = $(OUT)/claims
+CLAIM_SEEDS ?= 0 1 2
+CLAIM_ROWS = direct-p1x montage aligndet aligndet-common predet predet-cls scratch scratch-2x scratch-4x scratch-8x
+CLAIMS = direct-p1x>scratch montage>scratch aligndet-common>montage predet>predet-cls predet>scratch
+claim_expect = $(foreach r,$(CLAIM_ROWS),$(foreach s,$(CLAIM_SEEDS),ft-$(r)-s$(s)))
+CLAIM_DIRECT = $(CPU_DET) --direct-size 96 --roi-batch-size 32 --batch-size 8 --lr 0.01 --iters 75 --warmup-iters 8
+CLAIM_MONTAGE = --backbone resnet18 --montage-size 96 --montage-split 32 --batch-size 16 --lr 0.025 \
+	--montage-erf-every 40 --montage-erf-batch 16
+CLAIM_PREDET = --backbone resnet18 --preset cpu --box-head 2fc --anchor-scale 0.5 --predet-dim 64 \
+	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --predet-queries proposals
+CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 0.005 --iters 31 --warmup-iters 3 \
+	--align-ema 0.9
+
+demo-claims: install
+	@echo "toy protocol v3 (README): 3 seeds, scratch as a curve, compute in FLOPs; about 70 min on 2 cores"
+	OMP_NUM_THREADS=1 $(MAKE) -k -j $(DEMO_JOBS) claims-runs; status=$$?; \
+	$(PY) -m common.results $(CL) --expect $(claim_expect) $(call claim_flags,$(CLAIMS)) --learned-drop 0.2; \
+	echo "toy scale (ResNet-18, 128 px, CPU): these are NOT paper numbers"; exit $$status
+# the longest stages first: make -j starts the goals in this order
+claims-runs: $(foreach s,$(CLAIM_SEEDS),$(CL)/ft-scratch-8x-s$(s)/results.json $(CL)/montage-half-s$(s)/model_final.pth) \
+	$(foreach d,$(claim_expect),$(CL)/$(d)/results.json)
+
+$(CL)/proposals.json: | $(SHAPES)
+	$(PY) -m common.proposals --method ss --workers 2 --out $@
+$(CL)/direct-p1x-s%/model_final.pth: | $(SHAPES)
+	$(PY) direct.py $(DEMO_RUN) $(CLAIM_DIRECT) --seed $* --output-dir $(@D) --resume auto
+$(CL)/montage-s%/model_final.pth: | $(SHAPES)
+	$(PY) montage.py $(DEMO_RUN) $(CLAIM_MONTAGE) --iters 177 --warmup-iters 18 --seed $* --output-dir $(@D) \
+		--resume auto
+$(CL)/montage-half-s%/model_final.pth: | $(SHAPES)  # AlignDet's backbone: half the budget
+	$(PY) montage.py $(DEMO_RUN) $(CLAIM_MONTAGE) --iters 87 --warmup-iters 9 --seed $* --output-dir $(@D) \
+		--resume auto
+$(CL)/aligndet-s%/model_final.pth: $(CL)/montage-half-s%/model_final.pth $(CL)/proposals.json
+	$(PY) alignDet.py $(DEMO_RUN) $(CLAIM_ALIGNDET) --backbone-weights $< --align-proposals $(word 2,$^) \
+		--seed $* --output-dir $(@D) --resume auto
+$(CL)/predet-s%/model_final.pth: $(CL)/proposals.json
+	$(PY) predet.py $(DEMO_RUN) $(CLAIM_PREDET) --iters 57 --warmup-iters 6 --proposals $< --seed $* \
+		--output-dir $(@D) --resume auto
+$(CL)/predet-cls-s%/model_final.pth: $(CL)/proposals.json
+	$(PY) predet.py $(DEMO_RUN) $(CLAIM_PREDET) --iters 90 --warmup-iters 9 --predet-no-det --proposals $< \
+		--seed $* --output-dir $(@D) --resume auto
+
+$(CL)/ft-scratch-s%/results.json: | $(SHAPES)
+	$(DEMO_FT) --init scratch --seed $* --output-dir $(@D) --resume auto
+$(CL)/ft-scratch-2x-s%/results.json: | $(SHAPES)
+	$(DEMO_FT) --init scratch --iters 120 --warmup-iters 12 --seed $* --output-dir $(@D) --resume auto
+$(CL)/ft-scratch-4x-s%/results.json: | $(SHAPES)
+	$(DEMO_FT) --init scratch --iters 240 --warmup-iters 24 --seed $* --output-dir $(@D) --resume auto
+$(CL)/ft-scratch-8x-s%/results.json: | $(SHAPES)
+	$(DEMO_FT) --init scratch --iters 480 --warmup-iters 48 --seed $* --output-dir $(@D) --resume auto
+$(CL)/ft-aligndet-common-s%/results.json: $(CL)/aligndet-s%/model_final.pth
+	$(DEMO_FT) --init $< --protocol common --seed $* --output-dir $(@D) --resume auto
+$(CL)/ft-%/results.json: $(CL)/%/model_final.pth  # ft-<row>-s<seed> from <row>-s<seed>
 	$(DEMO_FT) --init $< --seed $(lastword $(subst -s, ,$*)) --output-dir $(@D) --resume auto
 
 # --- make compare: GPUs, COCO (DATA), DETECTOR=maskrcnn|fasterrcnn|retinanet|fcos, the papers' recipes ---

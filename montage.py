@@ -57,6 +57,7 @@ from common import checkpoint, cli, dist
 from common.coco import BadImageError, CocoDetection, resolve_data
 from common.detectors import BACKBONES
 from common.engine import Run
+from common.metrics import FlopCounter
 from common.loader import SeededDataset, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr, set_lr
 from common.rundir import prepare_output_dir
@@ -458,16 +459,19 @@ def montage_loss(logits, labels, cell_region, kind="erf", weights=None):
 
 
 class ErfLabels:
-    """The ERF-adaptive label weights (4 x h x w) and the seconds spent on them: resumable state (Run extra)."""
+    """The ERF-adaptive label weights (4 x h x w), the seconds and the FLOPs spent on them: resumable state
+    (Run extra). The ERF passes are counted here, apart from the training iterations' FLOPs."""
 
     def __init__(self, size, split, tau, device):
         self.input_masks = region_masks(size, split).to(device)  # 4 x H x W
         self.cell_region = region_masks(size // STRIDE, split // STRIDE).argmax(0).to(device)  # h x w
-        self.tau, self.weights, self.seconds = tau, None, 0.0
+        self.tau, self.weights, self.seconds, self.flops = tau, None, 0.0, 0
 
     def update(self, model, images, iteration, run=None):
         t = time.perf_counter()
-        erf = effective_receptive_fields(model, images, run)  # h x w x H x W
+        with FlopCounter() as counter:
+            erf = effective_receptive_fields(model, images, run)  # h x w x H x W
+        self.flops += counter.total * dist.get_world_size()
         self.weights = erf_label_weights(erf, self.input_masks, self.cell_region, self.tau)
         self.seconds += time.perf_counter() - t
         own = (self.weights * F.one_hot(self.cell_region, 4).permute(2, 0, 1)).sum(0)
@@ -475,11 +479,11 @@ class ErfLabels:
               f"min {own.min():.3f} mean {own.mean():.3f}")
 
     def state_dict(self):
-        return {"weights": self.weights.cpu(), "seconds": self.seconds}
+        return {"weights": self.weights.cpu(), "seconds": self.seconds, "flops": self.flops}
 
     def load_state_dict(self, state):
         self.weights = state["weights"].to(self.input_masks.device)
-        self.seconds = state["seconds"]
+        self.seconds, self.flops = state["seconds"], state.get("flops", 0)
 
 
 def erf_batch(montages, n, iteration, seed, device):
@@ -533,6 +537,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
     trainable = [p for group in optimizer.param_groups for p in group["params"]]
     run.checkpoints_hold(model_without_ddp, optimizer, scaler, **({"erf": erf} if args.montage_loss == "erf" else {}))
+    run.uncounted = lambda it: args.montage_loss == "erf" and it % args.montage_erf_every == 0  # ERF FLOPs: erf.flops
     if args.resume:  # model, optimizer, scaler, ERF label weights, iteration and random streams
         run.resume()
 
@@ -566,7 +571,8 @@ def main(args):
                        "backbone": args.backbone, "num_classes": montages.num_classes,
                        "trained": "backbone", "montages_seen": run.iteration * global_batch,
                        "montage_loss": args.montage_loss, "template": [args.montage_size, args.montage_split],
-                       "erf_seconds": round(erf.seconds, 2)})
+                       "erf_seconds": round(erf.seconds, 2), "erf_flops": erf.flops,
+                       "train_flops": run.train_flops() + erf.flops if run.train_flops() else None})
     print(f"wrote {os.path.join(args.output_dir, 'model_final.pth')}: {meta['images_seen']} samples in "
           f"{meta['wall_clock_s']} s ({meta['device_hours']} device-hours; ERF {erf.seconds:.1f} s)")
 

@@ -10,6 +10,7 @@ through ``common.loader``, the data order), refused when a flag that changes the
 finiteness check of each step, agreed over ranks; and a clean stop on SIGTERM/SIGINT (a checkpoint at the next
 iteration boundary or ``stop_point``, exit status 128 + signal). Detection evaluation: common.coco_eval.
 """
+import contextlib
 import os
 import signal
 import sys
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from common import checkpoint, dist
 from common.cli import UserError
 from common.loader import skipped_images
-from common.metrics import Meter, RunLog, peak_memory_mb
+from common.metrics import FlopCounter, Meter, RunLog, peak_memory_mb, read_jsonl
 from common.rundir import resume_changes
 
 
@@ -64,6 +65,8 @@ class Run:
         self.data_time = self.compute_time = 0.0
         self.stop_signal, self.lr = None, 0.0
         self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
+        self.flops_per_iter = None  # training FLOPs of one iteration on one rank, counted once (train_flops)
+        self.uncounted = lambda it: False  # iterations not to count FLOPs on (Montage's ERF pass: counted apart)
         self.finished = False  # model_final.pth written (finish)
         self._interrupt_now = False  # inside interruptible(): a signal ends it at once
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -93,7 +96,11 @@ class Run:
             for batch in loader:
                 t_data = time.perf_counter()
                 self.data_time += t_data - t
-                yield it, batch
+                count = self.flops_per_iter is None and not self.uncounted(it)
+                with FlopCounter() if count else contextlib.nullcontext() as counter:
+                    yield it, batch
+                if count:
+                    self.flops_per_iter = counter.total
                 it = self.iteration = it + 1
                 self.compute_time += time.perf_counter() - t_data
                 bar.update(1)
@@ -226,7 +233,7 @@ class Run:
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration, "elapsed": self.elapsed(),
                 "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state()),
                 "extra": {k: v.state_dict() for k, v in self.extra.items()}, "args": vars(self.args),
-                "meta": {"method": self.method}}
+                "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
 
     def save(self, periodic=False):
         state = self.state()
@@ -260,6 +267,7 @@ class Run:
             self.log.truncate(self.start_iter)
             self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": changed}})
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
+        self.flops_per_iter = ck.get("flops_per_iter")
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
         else:
@@ -276,13 +284,26 @@ class Run:
                 "data_time_share": round(self.data_time / max(measured, 1e-9), 4),
                 "peak_mem_mb": round(peak_memory_mb(self.device)), "skipped_steps": self.skipped_steps}
 
+    def train_flops(self):
+        """Training FLOPs of the whole run, all ranks: one iteration's convolutions and matrix products,
+        forward and backward, as torch.utils.flop_counter counts them (ops it does not know, e.g. RoIAlign and
+        NMS, count 0), times the iterations. One iteration is counted, the first this process ran (or the
+        checkpoint's count): a machine-independent measure of compute, unlike device-hours."""
+        if self.flops_per_iter is None:
+            return None
+        return self.flops_per_iter * self.iteration * dist.get_world_size()
+
     def compute_meta(self):
-        """Compute accounting for model_final.pth meta and results.json."""
+        """Compute accounting for model_final.pth meta and results.json, and the loss terms of the first and
+        last logged windows (log.txt; --print-freq iterations each), which show whether a pretext learned."""
         wall, world = self.elapsed(), dist.get_world_size()
+        logged = [r for r in read_jsonl(self.log.path) if "iteration" in r and "epoch" not in r and "loss" in r]
         return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "device_hours": round(wall * world / 3600, 5), "skipped_images": self.skipped_images}
+                "device_hours": round(wall * world / 3600, 5), "train_flops": self.train_flops(),
+                "losses_first": _loss_window(logged[0]) if logged else None,
+                "losses_last": _loss_window(logged[-1]) if logged else None, "skipped_images": self.skipped_images}
 
     def finish(self, state_dict, meta):
         """Writes model_final.pth ({model, meta}); returns the meta."""
@@ -292,6 +313,11 @@ class Run:
         dist.barrier()
         self.finished = True
         return meta
+
+
+def _loss_window(record):
+    """A logged window's loss terms (means over --print-freq iterations) and its last iteration."""
+    return {k: v for k, v in record.items() if k.startswith("loss") or k == "iteration"}
 
 
 def targets_to(targets, device, keys=("boxes", "labels", "masks")):

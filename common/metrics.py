@@ -10,6 +10,8 @@ import os
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from common import dist
 
@@ -73,6 +75,24 @@ class RunLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of the convolutions and matrix products that run inside it, forward and backward, with
+    torch.utils.flop_counter's formulas (2 per multiply-add; ops without one, e.g. RoIAlign and NMS, count 0).
+    Unlike FlopCounterMode it tracks no modules, so it also counts around autograd.grad (Montage's ERF)."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.total += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def read_jsonl(path):
