@@ -4,14 +4,22 @@
     python -m common.results runs/compare --expect ft-scratch-s0 ft-direct-p1x-s0 ... --claim "direct-p1x > scratch"
 
 A fine-tuning run is a directory whose args.json was written by finetune.py. Its row comes from its
-results.json (COCO stats, the fine-tune's compute and the meta of the checkpoint it started from); the
-pre-training compute is the checkpoint's device-hours plus those of the checkpoints it started from
-(e.g. AlignDet's backbone). Runs of one row (the Makefile's ft-<row>-s<seed> directories; any other
-directory is a row of its own) form one line: mean ± sample std over the seeds, each seed's AP listed. A run
-without results.json appears as failed (its error.txt) or incomplete (its last logged iteration), and an
-``--expect``-ed fine-tune that never ran says why (its own error, or its pre-training's): never zeros.
-A ``--claim "A > B"`` holds when row A's mean box AP exceeds row B's by more than their combined standard
-deviation, sqrt(std_A^2 + std_B^2); with one seed there is no spread, and the claim is left undecided.
+results.json (COCO stats, the fine-tune's compute and the meta of the checkpoint it started from). Compute is
+training FLOPs (common.engine.Run.train_flops); a pre-training's is its checkpoint's plus those of the
+checkpoints it started from (e.g. AlignDet's backbone); device-hours are shown beside, never compared. Runs of
+one row (the Makefile's ft-<row>-s<seed> directories; any other directory is a row of its own) form one line:
+mean ± sample std over the seeds, each seed's AP listed. A run without results.json appears as failed (its
+error.txt) or incomplete (its last logged iteration), and an ``--expect``-ed fine-tune that never ran says
+why (its own error, or its pre-training's): never zeros.
+
+Every pre-training stage gets a learning check: its pretext loss (PRETEXT_LOSS) in the last logged window
+must be at least ``--learned-drop`` (a fraction) below the first window. A ``--claim "A > B"`` is judged on
+the per-seed differences of box AP, paired by seed: against B = scratch, A's AP minus that of scratch at A's
+total FLOPs, interpolated linearly in log FLOPs on the same seed's scratch curve (every scratch run of that
+seed, of any length; beyond its longest run the claim is undecidable); otherwise A's AP minus B's. It holds
+when the mean difference exceeds t(0.95, n - 1) x its standard error (a one-sided paired t-test at 5%), the
+smallest difference detectable at the observed spread, which is printed with it. A claim on a row whose
+pretext did not learn (any seed, any stage) is undecidable; one seed decides nothing.
 """
 import argparse
 import csv
@@ -28,8 +36,13 @@ from common.cli import HelpFormatter
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",
-           "AP by seed", "pre-train h", "fine-tune h", "total h", "device", "seeds", "status")
-NUMERIC = (*AP_COLUMNS, "mask AP", "pre-train h", "fine-tune h", "total h")
+           "AP by seed", "pre-train PFLOP", "total PFLOP", "pre-train h", "fine-tune h", "device", "seeds",
+           "pretext check", "status")
+NUMERIC = (*AP_COLUMNS, "mask AP", "pre-train PFLOP", "total PFLOP", "pre-train h", "fine-tune h")
+# the loss whose fall shows that a stage's pretext learned (PreDet's L_cls-only ablation logs no loss_info)
+PRETEXT_LOSS = {"direct": "loss", "montage": "loss_cls", "aligndet": "loss_contrast", "predet": "loss_info"}
+# one-sided 95% quantiles of Student's t by degrees of freedom; past 10 the 10's (a little conservative)
+T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
 
 
 def _read_json(path):
@@ -37,12 +50,35 @@ def _read_json(path):
         return json.load(f)
 
 
-def pretrain_hours(meta):
-    """Device-hours of a checkpoint and of the checkpoints it started from (None when unknown)."""
-    if not meta or "device_hours" not in meta:
-        return None
-    return meta["device_hours"] + sum(pretrain_hours(meta[k]) or 0.0 for k in ("init_meta", "backbone_meta")
-                                      if isinstance(meta.get(k), dict))
+def stages(meta):
+    """A checkpoint's meta, then those of the checkpoints it started from (AlignDet's backbone, ...)."""
+    if not meta:
+        return []
+    return [meta] + [s for k in ("init_meta", "backbone_meta") if isinstance(meta.get(k), dict) and meta[k]
+                     for s in stages(meta[k])]
+
+
+def pretrain_total(meta, key):
+    """The sum of ``key`` (device_hours, train_flops) over a pre-training's stages; None when one is unknown."""
+    values = [m.get(key) for m in stages(meta)]
+    return None if not values or None in values else sum(values)
+
+
+def pretext_checks(meta, drop):
+    """[(learned: True/False/None, text)] per stage: its pretext loss's last logged window against its first."""
+    out = []
+    for m in stages(meta):
+        method, first, last = m.get("method"), m.get("losses_first") or {}, m.get("losses_last") or {}
+        key = PRETEXT_LOSS.get(method)
+        if method == "predet" and key not in first:
+            key = "loss_cls"
+        if key not in first or key not in last:
+            out.append((None, f"{method}: {key or 'its pretext loss'} not logged"))
+            continue
+        bound = (1 - drop) * first[key]
+        out.append((last[key] <= bound, f"{method} {key} {first[key]:.3f} -> {last[key]:.3f} "
+                                        f"(learned if <= {bound:.3f})"))
+    return out
 
 
 def _method(init, pretrain):
@@ -76,7 +112,7 @@ def _recipe(recipe):
             f"wd {recipe['weight_decay']:.2g}")
 
 
-def read_run(run_dir):
+def read_run(run_dir, learned_drop=0.2):
     """One fine-tuning run -> a dict of its row's fields (numbers as floats, None where unknown)."""
     args = _read_json(os.path.join(run_dir, "args.json"))
     name = os.path.basename(os.path.normpath(run_dir))
@@ -86,13 +122,17 @@ def read_run(run_dir):
     if os.path.exists(results_path) and not _read_json(results_path).get("eval_only"):
         res = _read_json(results_path)
         pre, ft = res.get("pretrain") or {}, res["finetune"]
-        pre_h = pretrain_hours(pre) if args["init"] != "scratch" else 0.0
-        row.update(method=_method(args["init"], pre), status="done",
+        scratch = args["init"] == "scratch"
+        pre_flops = 0.0 if scratch else pretrain_total(pre, "train_flops")
+        total = None if pre_flops is None or ft.get("train_flops") is None else pre_flops + ft["train_flops"]
+        row.update(method=_method(args["init"], pre), status="done", checks=pretext_checks(pre, learned_drop),
+                   flops=total,
                    **{"pre-train": _pretrain_schedule(args["init"], pre), "fine-tune": str(ft.get("schedule")),
                       "recipe": _recipe(ft.get("recipe")),
-                      "pre-train h": pre_h, "fine-tune h": ft["device_hours"],
-                      "total h": None if pre_h is None else pre_h + ft["device_hours"],
-                      "device": ft.get("device_type")},
+                      "pre-train PFLOP": None if pre_flops is None else pre_flops / 1e15,
+                      "total PFLOP": None if total is None else total / 1e15,
+                      "pre-train h": 0.0 if scratch else pretrain_total(pre, "device_hours"),
+                      "fine-tune h": ft["device_hours"], "device": ft.get("device_type")},
                    **{k: res["bbox"][k] for k in AP_COLUMNS},
                    **{"mask AP": res["segm"]["AP"] if "segm" in res else None})
         return row
@@ -166,36 +206,108 @@ def aggregate(rows):
         row = {k: first.get(k) for k in COLUMNS if k not in NUMERIC}
         row["seeds"] = ",".join(str(m["seed"]) for m in members if m.get("seed") is not None) or "n/a"
         row["AP by seed"] = " ".join(f"{m['AP']:.3f}" for m in members if m.get("AP") is not None) or None
+        row["pretext check"] = _check_summary(members)
         for k in NUMERIC:
             row[k], row[k + " std"] = _mean_std([m.get(k) for m in members])
         out.append(row)
     return out
 
 
-def evaluate_claims(table, claims):
-    """[(claim "A > B", {"diff", "combined_std", "verdict"})] on the rows' mean box AP."""
-    rows = {r["row"]: r for r in table if r["status"] == "done"}
+def _check_summary(members):
+    """The pretext check of a row's runs: 'n/a' (no pre-training), 'did not learn: ...' (a stage of a seed
+    failed), 'not checked: ...' (a stage logged no pretext loss) or 'learned: ...', with each stage's losses."""
+    checks = [(m.get("seed"), learned, text) for m in members for learned, text in m.get("checks") or []]
+    if not checks:
+        return "n/a"
+    for verdict, value in (("did not learn", False), ("not checked", None)):
+        failed = [f"seed {seed}: {text}" for seed, learned, text in checks if learned is value]
+        if failed:
+            return f"{verdict}: " + "; ".join(failed)
+    return "learned: " + "; ".join(f"seed {seed}: {text}" for seed, _, text in checks)
+
+
+def scratch_at(curve, flops):
+    """The AP of scratch at ``flops``, read off one seed's scratch curve [(flops, AP)]: linear in log FLOPs
+    between the two runs around it, the cheapest run's AP below it (scratch then had more compute), None
+    beyond the longest run."""
+    curve = sorted(curve)
+    if flops > curve[-1][0]:
+        return None
+    if flops <= curve[0][0]:
+        return curve[0][1]
+    for (c0, a0), (c1, a1) in zip(curve, curve[1:]):
+        if c0 <= flops <= c1:
+            return a0 + (a1 - a0) * (math.log(flops) - math.log(c0)) / (math.log(c1) - math.log(c0))
+
+
+def paired_test(diffs):
+    """{"diff": mean, "sd", "n", "detectable": t(0.95, n-1) x standard error, "verdict"} of per-seed differences."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"diff": mean, "n": n, "verdict": "undecided: one seed gives no spread (3 seeds: make demo-claims)"}
+    sd = statistics.stdev(diffs)
+    detectable = T95[min(n - 1, 10)] * sd / math.sqrt(n)
+    return {"diff": mean, "sd": sd, "n": n, "detectable": detectable,
+            "verdict": "held" if mean > detectable else "not held"}
+
+
+def evaluate_claims(runs, table, claims):
+    """[(claim "A > B", {"diff", "sd", "n", "detectable", "baseline", "verdict"})]: module docstring."""
+    done = [r for r in runs if r["status"] == "done"]
+    by_row = {}
+    for r in done:
+        by_row.setdefault(r["row"], {})[r["seed"]] = r
+    curves = {}  # seed -> [(FLOPs, AP)] of its scratch runs
+    for r in done:
+        if r["method"] == "scratch" and r["flops"] is not None:
+            curves.setdefault(r["seed"], []).append((r["flops"], r["AP"]))
+    checks = {t["row"]: t["pretext check"] for t in table if t["status"] == "done"}
     out = []
     for claim in claims:
         a, b = (side.strip() for side in claim.split(">"))
-        if a not in rows or b not in rows:
+        if a not in by_row or b not in by_row:
             out.append((claim, {"verdict": "not evaluated: " + " and ".join(
-                f"row {x} has no results" for x in (a, b) if x not in rows)}))
+                f"row {x} has no results" for x in (a, b) if x not in by_row)}))
             continue
-        diff = rows[a]["AP"] - rows[b]["AP"]
-        if rows[a]["AP std"] is None or rows[b]["AP std"] is None:
-            out.append((claim, {"diff": diff, "verdict": "undecided: one seed gives no spread (SEEDS=3)"}))
+        unlearned = [f"{x} {checks[x].split(':')[0]}" for x in (a, b) if checks[x].split(":")[0] in
+                     ("did not learn", "not checked")]
+        if unlearned:
+            out.append((claim, {"verdict": "undecidable: the pretext of " + " and ".join(unlearned) +
+                                " (its pretext check)"}))
             continue
-        spread = math.hypot(rows[a]["AP std"], rows[b]["AP std"])
-        out.append((claim, {"diff": diff, "combined_std": spread, "verdict": "held" if diff > spread else "not held"}))
+        diffs, baseline = [], ""
+        for seed, run in sorted(by_row[a].items()):
+            if b == "scratch" and run["method"] != "scratch":
+                if run["flops"] is None or seed not in curves:
+                    out.append((claim, {"verdict": f"undecidable: no FLOPs count or no scratch curve for seed {seed}"}))
+                    break
+                matched = scratch_at(curves[seed], run["flops"])
+                if matched is None:
+                    out.append((claim, {"verdict": f"undecidable: {a} (seed {seed}, {run['flops'] / 1e15:.2f} "
+                                                   f"PFLOP) costs more than the longest scratch run"}))
+                    break
+                diffs.append(run["AP"] - matched)
+                baseline = "scratch at the same FLOPs (same seed's curve)"
+            elif seed in by_row[b]:
+                diffs.append(run["AP"] - by_row[b][seed]["AP"])
+                ratio = (run["flops"] / by_row[b][seed]["flops"]) if run["flops"] and by_row[b][seed]["flops"] else None
+                baseline = f"{b}, paired by seed" + (f" (compute ratio {ratio:.2f})" if ratio else "")
+        else:
+            if not diffs:
+                out.append((claim, {"verdict": f"not evaluated: rows {a} and {b} share no seed"}))
+            else:
+                out.append((claim, dict(paired_test(diffs), baseline=baseline)))
     return out
 
 
 def claims_markdown(claims):
-    lines = ["| claim | mean AP difference | combined std | verdict |", "|---|---|---|---|"]
+    lines = ["| claim | against | mean AP difference | sd | seeds | detectable (t x se) | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for claim, c in claims:
-        lines.append(f"| {claim} | {_fmt(c.get('diff'), None, 3)} | {_fmt(c.get('combined_std'), None, 3)} "
-                     f"| {c['verdict']} |")
+        lines.append(f"| {claim} | {c.get('baseline', '—')} | {_fmt(c.get('diff'), None, 3)} | "
+                     f"{_fmt(c.get('sd'), None, 3)} | {c.get('n', '—')} | {_fmt(c.get('detectable'), None, 3)} | "
+                     f"{c['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -211,12 +323,15 @@ def markdown(rows):
     for r in rows:
         cells = []
         for k in COLUMNS:
-            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "AP by seed", "fine-tune h", "total h"):
+            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "AP by seed", "fine-tune h", "total PFLOP",
+                                               "pretext check"):
                 cells.append("—")
             elif k in (*AP_COLUMNS, "mask AP"):
                 cells.append(_fmt(r[k] if r[k] is None or r[k] >= 0 else None, r[k + " std"], 3))
             elif k.endswith(" h"):
                 cells.append(_fmt(r[k], r[k + " std"], 4))
+            elif k.endswith("PFLOP"):
+                cells.append(_fmt(r[k], r[k + " std"], 2))
             else:
                 cells.append(str(r.get(k) if r.get(k) is not None else "n/a"))
         lines.append("| " + " | ".join(cells) + " |")
@@ -224,19 +339,29 @@ def markdown(rows):
 
 
 def plot(rows, path):
-    """AP against total device-hours, one point per method (error bars = std over seeds)."""
+    """AP against total training FLOPs: the scratch runs as a curve with a ±std band over seeds, every other
+    row as a point with error bars (std over seeds)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for r in rows:
-        if r["status"] == "done" and r["total h"] is not None:
-            ax.errorbar(r["total h"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total h std"] or 0, fmt="o",
-                        capsize=3)
-            ax.annotate(r["row"], (r["total h"], r["AP"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    device = next((r["device"] for r in rows if r.get("device")), "device")
-    ax.set_xlabel(f"total {'GPU' if device != 'cpu' else 'CPU'}-hours (pre-training + fine-tuning)")
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    done = [r for r in rows if r["status"] == "done" and r["total PFLOP"] is not None]
+    curve = sorted((r for r in done if r["method"] == "scratch"), key=lambda r: r["total PFLOP"])
+    if curve:
+        x = [r["total PFLOP"] for r in curve]
+        y = [r["AP"] for r in curve]
+        sd = [r["AP std"] or 0.0 for r in curve]
+        ax.plot(x, y, "-o", color="0.3", label="scratch (1x, 2x, ... the fine-tune)")
+        ax.fill_between(x, [a - d for a, d in zip(y, sd)], [a + d for a, d in zip(y, sd)], color="0.3", alpha=0.2)
+    for r in done:
+        if r["method"] != "scratch":
+            ax.errorbar(r["total PFLOP"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total PFLOP std"] or 0, fmt="o",
+                        capsize=3, label=r["row"])
+    ax.set_xscale("log")
+    ax.set_xlabel("total training PFLOP (pre-training + fine-tuning)")
     ax.set_ylabel("box AP (mean ± std over seeds)")
+    if done:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     tmp = path + ".tmp.png"
@@ -245,18 +370,19 @@ def plot(rows, path):
     os.replace(tmp, path)
 
 
-def write_results(runs_dir, expect=(), out_dir=None, claims=()):
-    """Writes results.md (the table, then the claims), results.csv and results.png into out_dir (default
-    runs_dir); returns (table rows, claims)."""
+def write_results(runs_dir, expect=(), out_dir=None, claims=(), learned_drop=0.2, note=None):
+    """Writes results.md (``note``, the table, then the claims), results.csv and results.png into out_dir
+    (default runs_dir); returns (table rows, claims)."""
     out_dir = out_dir or runs_dir
-    rows = [read_run(d) for d in find_runs(runs_dir)]
+    rows = [read_run(d, learned_drop) for d in find_runs(runs_dir)]
     present = {r["run"] for r in rows}
     rows += [missing_row(runs_dir, name) for name in expect if name not in present]
     table = aggregate(rows)
-    verdicts = evaluate_claims(table, claims)
+    verdicts = evaluate_claims(rows, table, claims)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown(table) + ("\n" + claims_markdown(verdicts) if verdicts else ""))
+        f.write((note + "\n\n" if note else "") + markdown(table)
+                + ("\n" + claims_markdown(verdicts) if verdicts else ""))
     with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
         fields = [c for k in COLUMNS for c in ((k, k + " std") if k in NUMERIC else (k,))]
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
@@ -275,13 +401,20 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="where to write (default: runs_dir)")
     parser.add_argument("--claim", action="append", default=[], metavar='"A > B"',
                         help="a claim on two rows' box AP to test (repeatable)")
+    parser.add_argument("--learned-drop", type=float, default=0.2,
+                        help="a pretext learned when its loss fell by at least this fraction, first to last window")
+    parser.add_argument("--note", default=None, help="a line written above the table (e.g. what it decides)")
     args = parser.parse_args(argv)
+    if not 0 < args.learned_drop < 1:
+        sys.exit(f"error: --learned-drop {args.learned_drop}: expected a fraction in (0, 1)")
     if not os.path.isdir(args.runs_dir):
         sys.exit(f"error: {args.runs_dir}: no such directory (expected a directory of finetune.py runs)")
     bad = [c for c in args.claim if c.count(">") != 1]
     if bad:
         sys.exit(f"error: --claim {bad[0]!r}: expected two row names around one '>', e.g. \"direct-p1x > scratch\"")
-    table, verdicts = write_results(args.runs_dir, args.expect, args.out, args.claim)
+    table, verdicts = write_results(args.runs_dir, args.expect, args.out, args.claim, args.learned_drop, args.note)
+    if args.note:
+        print(args.note + "\n")
     print(markdown(table), end="")
     if verdicts:
         print("\n" + claims_markdown(verdicts), end="")

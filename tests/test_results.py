@@ -32,9 +32,10 @@ def _run(root, name, init, seed=0, results=None, error=None, log=None):
             f.write("\n".join(json.dumps(r) for r in log) + "\n{\"iteration\": 9")  # last line cut by a crash
 
 
-def _results(ap, ft_hours, pretrain=None, segm=None, recipe=None):
+def _results(ap, ft_hours, pretrain=None, segm=None, recipe=None, ft_flops=None):
     res = {"bbox": _stats(ap), "pretrain": pretrain or {}, "eval_only": False,
-           "finetune": {"schedule": "100 it", "device_hours": ft_hours, "device_type": "cpu", "recipe": recipe}}
+           "finetune": {"schedule": "100 it", "device_hours": ft_hours, "device_type": "cpu", "recipe": recipe,
+                        "train_flops": ft_flops}}
     if segm is not None:
         res["segm"] = _stats(segm)
     return res
@@ -44,10 +45,12 @@ def test_table_csv_and_plot(tmp_path):
     root = str(tmp_path / "runs")
     _run(root, "ft-scratch-s0", "scratch", 0, _results(0.30, 0.01))
     _run(root, "ft-scratch-s1", "scratch", 1, _results(0.40, 0.03))
-    direct = {"method": "direct", "schedule": "P1x", "device_hours": 0.5, "iterations": 10}
-    _run(root, "ft-direct-s0", "runs/direct-p1x/model_final.pth", 0, _results(0.5, 0.02, direct, segm=0.25))
-    aligndet = {"method": "aligndet", "iterations": 7, "device_hours": 0.25,
-                "backbone_meta": {"method": "montage", "device_hours": 0.5}}
+    direct = {"method": "direct", "schedule": "P1x", "device_hours": 0.5, "iterations": 10, "train_flops": 3e15,
+              "losses_first": {"loss": 2.0}, "losses_last": {"loss": 1.0}}
+    _run(root, "ft-direct-s0", "runs/direct-p1x/model_final.pth", 0,
+         _results(0.5, 0.02, direct, segm=0.25, ft_flops=1e15))
+    aligndet = {"method": "aligndet", "iterations": 7, "device_hours": 0.25, "train_flops": 1e15,
+                "backbone_meta": {"method": "montage", "device_hours": 0.5}}  # its backbone's FLOPs unknown
     recipe = {"protocol": "paper", "bn": "affine", "trainable_layers": 3, "lr": 0.03, "weight_decay": 5e-5}
     _run(root, "ft-aligndet-s0", "runs/aligndet/model_final.pth", 0, _results(0.45, 0.25, aligndet, recipe=recipe))
     _run(root, "ft-imagenet-s0", "imagenet", 0, error="skipped: ImageNet weights unavailable offline")
@@ -72,24 +75,26 @@ def test_table_csv_and_plot(tmp_path):
     assert len(table) == 2 + 7
     assert body["aligndet"] == ("| aligndet | aligndet | fasterrcnn | resnet18 | 7 it | 100 it | paper: BN affine only, 2 "
                                 "stages frozen, lr 0.03, wd 5e-05 | 0.450 | 0.650 | 0.400 | n/a | 0.225 | 0.450 | n/a "
-                                "| 0.450 | 0.7500 | 0.2500 | 1.0000 | cpu | 0 | done |")
+                                "| 0.450 | n/a | n/a | 0.7500 | 0.2500 | cpu | 0 | not checked: seed 0: aligndet: "
+                                "loss_contrast not logged; seed 0: montage: loss_cls not logged | done |")
     assert body["direct"] == ("| direct | direct | fasterrcnn | resnet18 | P1x | 100 it | ? | 0.500 | 0.700 | 0.450 | "
-                              "n/a | 0.250 | 0.500 | 0.250 | 0.500 | 0.5000 | 0.0200 | 0.5200 | cpu | 0 | done |")
+                              "n/a | 0.250 | 0.500 | 0.250 | 0.500 | 3.00 | 4.00 | 0.5000 | 0.0200 | cpu | 0 | learned: "
+                              "seed 0: direct loss 2.000 -> 1.000 (learned if <= 1.600) | done |")
     # two seeds -> mean ± sample std, and each seed's AP
     assert body["scratch"].startswith("| scratch | scratch | fasterrcnn | resnet18 | none | 100 it | ? | 0.350 ± 0.071 |")
-    assert ("| 0.300 0.400 | 0.0000 ± 0.0000 | 0.0200 ± 0.0141 | 0.0200 ± 0.0141 | cpu | 0,1 | done |"
-            in body["scratch"])
+    assert "| 0.300 0.400 | 0.00 ± 0.00 | n/a | 0.0000 ± 0.0000 | 0.0200 ± 0.0141 | cpu | 0,1 | n/a | done |" in body["scratch"]
     # failures are shown as such, never as zeros
     assert body["imagenet"] == ("| imagenet | imagenet | fasterrcnn | resnet18 | ImageNet-1k (torchvision) | ? | n/a "
-                                "| — | — | — | — | — | — | — | — | n/a | — | — | n/a | 0,1 | skipped: ImageNet weights "
-                                "unavailable offline |")
+                                "| — | — | — | — | — | — | — | — | n/a | — | n/a | — | n/a | 0,1 | — | skipped: ImageNet "
+                                "weights unavailable offline |")
     assert body["direct-p3x"].endswith("| failed: runs/x.jpg: cannot read image |")
     assert body["predet"].endswith("incomplete: stopped after iteration 7 |")
     assert body["montage"].endswith("| not run: its pre-training montage did not finish: failed: OSError: disk "
                                     "full (a crash: see its traceback) |")
     assert len(rows) == 7
-    # claims: held when the mean difference exceeds the combined std; one seed decides nothing
-    assert dict(claims)["aligndet > scratch"]["verdict"] == "undecided: one seed gives no spread (SEEDS=3)"
+    # a claim on a row whose pretext was not checked is undecidable; one seed decides nothing
+    assert dict(claims)["aligndet > scratch"]["verdict"] == "undecidable: the pretext of aligndet not checked (its " \
+                                                           "pretext check)"
     assert dict(claims)["montage > scratch"]["verdict"] == "not evaluated: row montage has no results"
 
     with open(os.path.join(root, "results.csv")) as f:
@@ -124,19 +129,88 @@ def test_expected_runs_that_left_no_run_say_why(tmp_path):
                     "see make's output)"}
 
 
-def test_claims_are_judged_against_the_combined_spread(tmp_path):
+def _pretrained(method, flops, first, last, key="loss", **extra):
+    return {"method": method, "train_flops": flops, "losses_first": {key: first}, "losses_last": {key: last}, **extra}
+
+
+def test_claims_against_scratch_use_the_same_seeds_curve_at_matched_flops(tmp_path):
+    """Scratch at 1 and 4 PFLOP per seed; Direct's total (pre-training 1 + fine-tune 1) is 2 PFLOP, halfway
+    in log FLOPs, so its baseline is the mean of the seed's two scratch APs (linear in FLOPs: a third of the way)."""
     root = str(tmp_path / "runs")
-    for seed, (a, b, c) in enumerate([(0.30, 0.20, 0.22), (0.32, 0.21, 0.18), (0.34, 0.22, 0.26)]):
-        _run(root, f"ft-direct-s{seed}", "runs/direct/model_final.pth", seed, _results(a, 0.01, {"method": "direct"}))
-        _run(root, f"ft-scratch-s{seed}", "scratch", seed, _results(b, 0.01))
-        _run(root, f"ft-montage-s{seed}", "runs/montage/model_final.pth", seed, _results(c, 0.01, {"method": "montage"}))
-    _, claims = write_results(root, claims=["direct > scratch", "montage > scratch", "scratch > direct"])
+    short, long_, direct = (0.10, 0.12, 0.08), (0.30, 0.28, 0.32), (0.25, 0.24, 0.27)
+    for seed in range(3):
+        _run(root, f"ft-scratch-s{seed}", "scratch", seed, _results(short[seed], 0.01, ft_flops=1e15))
+        _run(root, f"ft-scratch-4x-s{seed}", "scratch", seed, _results(long_[seed], 0.04, ft_flops=4e15))
+        _run(root, f"ft-direct-s{seed}", "runs/direct/model_final.pth", seed,
+             _results(direct[seed], 0.01, _pretrained("direct", 1e15, 2.0, 1.2), ft_flops=1e15))
+        _run(root, f"ft-late-s{seed}", "runs/late/model_final.pth", seed,  # 5 PFLOP: past the curve's end
+             _results(0.9, 0.01, _pretrained("direct", 4e15, 2.0, 1.2), ft_flops=1e15))
+    _, claims = write_results(root, claims=["direct > scratch", "late > scratch"])
     claims = dict(claims)
-    # direct 0.32 ± 0.02, scratch 0.21 ± 0.01: 0.11 > sqrt(0.02^2 + 0.01^2) = 0.0224
-    assert claims["direct > scratch"]["diff"] == pytest.approx(0.11)
-    assert claims["direct > scratch"]["combined_std"] == pytest.approx(math.hypot(0.02, 0.01))
+    diffs = [0.05, 0.04, 0.07]  # against 0.20, 0.20, 0.20
+    assert claims["direct > scratch"]["diff"] == pytest.approx(sum(diffs) / 3)
+    assert claims["direct > scratch"]["sd"] == pytest.approx(0.0152753, rel=1e-5)
+    assert claims["direct > scratch"]["detectable"] == pytest.approx(2.920 * 0.0152753 / math.sqrt(3), rel=1e-4)
     assert claims["direct > scratch"]["verdict"] == "held"
-    # montage 0.22 ± 0.04: 0.01 < sqrt(0.04^2 + 0.01^2)
-    assert claims["montage > scratch"]["verdict"] == "not held" and claims["scratch > direct"]["verdict"] == "not held"
+    assert claims["late > scratch"]["verdict"] == ("undecidable: late (seed 0, 5.00 PFLOP) costs more than the "
+                                                   "longest scratch run")
     text = open(os.path.join(root, "results.md")).read()
-    assert "| direct > scratch | 0.110 | 0.022 | held |" in text
+    assert ("| direct > scratch | scratch at the same FLOPs (same seed's curve) | 0.053 | 0.015 | 3 | 0.026 | held |"
+            in text)
+
+
+def test_claims_between_methods_are_paired_by_seed(tmp_path):
+    """Seeds far apart, differences within a seed alike: held by the paired test (the combined spread of the
+    rows, 0.28, would hide it); a difference within its detectable size is not held; 2 seeds use t(0.95, 1)."""
+    root = str(tmp_path / "runs")
+    for seed, (a, b, c) in enumerate([(0.30, 0.28, 0.31), (0.50, 0.47, 0.47), (0.70, 0.69, 0.72)]):
+        _run(root, f"ft-aligndet-s{seed}", "runs/a/model_final.pth", seed,
+             _results(a, 0.01, _pretrained("aligndet", 2e15, 4.0, 3.0, "loss_contrast"), ft_flops=1e15))
+        _run(root, f"ft-montage-s{seed}", "runs/m/model_final.pth", seed,
+             _results(b, 0.01, _pretrained("montage", 1e15, 1.0, 0.5, "loss_cls"), ft_flops=1e15))
+        _run(root, f"ft-other-s{seed}", "runs/o/model_final.pth", seed,
+             _results(c, 0.01, _pretrained("montage", 1e15, 1.0, 0.5, "loss_cls"), ft_flops=1e15))
+    for seed, ap in ((0, 0.40), (1, 0.45)):
+        _run(root, f"ft-two-s{seed}", "runs/t/model_final.pth", seed,
+             _results(ap, 0.01, _pretrained("montage", 1e15, 1.0, 0.5, "loss_cls"), ft_flops=1e15))
+    _, claims = write_results(root, claims=["aligndet > montage", "other > montage", "two > montage"])
+    claims = dict(claims)
+    assert claims["aligndet > montage"]["diff"] == pytest.approx(0.02)
+    assert claims["aligndet > montage"]["sd"] == pytest.approx(0.01)
+    assert claims["aligndet > montage"]["verdict"] == "held"
+    assert claims["aligndet > montage"]["baseline"] == "montage, paired by seed (compute ratio 1.50)"
+    # other - montage: 0.03, 0.00, 0.03 -> mean 0.02, sd 0.0173: t x se = 2.920 x 0.01 = 0.0292 > 0.02
+    assert claims["other > montage"]["detectable"] == pytest.approx(2.920 * 0.0173205 / math.sqrt(3), rel=1e-4)
+    assert claims["other > montage"]["verdict"] == "not held"
+    # two - montage: 0.12, -0.02 over 2 seeds
+    assert claims["two > montage"]["n"] == 2
+    assert claims["two > montage"]["detectable"] == pytest.approx(6.314 * 0.0989949 / math.sqrt(2), rel=1e-4)
+
+
+def test_a_pretext_that_did_not_learn_leaves_its_claims_undecidable(tmp_path):
+    """The check is a fall of at least --learned-drop from the first logged window to the last, on each stage's
+    own pretext loss (PreDet's ablation has no loss_info: its loss_cls), every stage of a chain."""
+    root = str(tmp_path / "runs")
+    for seed in range(3):
+        _run(root, f"ft-scratch-s{seed}", "scratch", seed, _results(0.1 + 0.01 * seed, 0.01, ft_flops=1e15))
+        _run(root, f"ft-scratch-8x-s{seed}", "scratch", seed, _results(0.4, 0.08, ft_flops=8e15))
+        _run(root, f"ft-predet-s{seed}", "runs/p/model_final.pth", seed,  # 3.5 -> 2.8 is exactly 20%: learned
+             _results(0.3, 0.01, _pretrained("predet", 1e15, 3.5, 2.8 if seed else 2.81, "loss_info"), ft_flops=1e15))
+        _run(root, f"ft-predet-cls-s{seed}", "runs/c/model_final.pth", seed,
+             _results(0.3, 0.01, _pretrained("predet", 1e15, 2.0, 1.5, "loss_cls"), ft_flops=1e15))
+        backbone = _pretrained("montage", 1e15, 1.0, 0.9, "loss_cls")  # 10%: did not learn
+        _run(root, f"ft-aligndet-s{seed}", "runs/a/model_final.pth", seed,
+             _results(0.3, 0.01, _pretrained("aligndet", 1e15, 4.0, 2.0, "loss_contrast", backbone_meta=backbone),
+                      ft_flops=1e15))
+    rows, claims = write_results(root, claims=["predet > scratch", "predet-cls > scratch", "aligndet > scratch"])
+    claims, rows = dict(claims), {r["row"]: r for r in rows}
+    assert rows["predet"]["pretext check"] == ("did not learn: seed 0: predet loss_info 3.500 -> 2.810 (learned if "
+                                               "<= 2.800)")
+    assert claims["predet > scratch"]["verdict"] == "undecidable: the pretext of predet did not learn (its pretext check)"
+    assert rows["predet-cls"]["pretext check"].startswith("learned: seed 0: predet loss_cls 2.000 -> 1.500")
+    assert claims["predet-cls > scratch"]["verdict"] == "held"
+    assert rows["aligndet"]["pretext check"].startswith("did not learn: seed 0: montage loss_cls 1.000 -> 0.900")
+    assert claims["aligndet > scratch"]["verdict"].startswith("undecidable")
+    # a looser check passes the same runs
+    _, claims = write_results(root, claims=["predet > scratch"], learned_drop=0.1)
+    assert dict(claims)["predet > scratch"]["verdict"] == "held"
