@@ -378,3 +378,39 @@ def test_a_forked_worker_that_outlives_its_killed_run_does_not_keep_the_lock(tmp
         os.waitpid(worker, 0)
         os.close(ready)
         os.close(started)
+
+
+def test_train_flops_count_one_iteration_times_the_iterations_and_skip_uncounted_ones(tmp_path, own_signal_handlers):
+    """Linear(3, 2) on batches of 2 points that need no gradient: the forward addmm 2 x 2 x 3 x 2 = 24 FLOPs, the
+    weight gradient's mm the same: 48 per iteration. Iteration 0 also runs a 4x5 @ 5x6 product (240 FLOPs), as
+    Montage's ERF pass: marked uncounted, it must not enter the count. The meta has the first and last logged
+    loss windows (--print-freq 1: iterations 1 and 8)."""
+    run, loader = tiny_run(run_args(tmp_path / "run"))
+    run.uncounted = lambda it: it == 0
+    logged = {}
+    for it, x in run.batches(loader):
+        if it == 0:
+            torch.ones(4, 5) @ torch.ones(5, 6)
+        loss = ((run.model(x) - 1) ** 2).mean()
+        sgd_step(run, loss)
+        logged[it + 1] = loss.item()
+    assert run.flops_per_iter == 48 and run.train_flops() == 48 * 8
+    meta = run.compute_meta()
+    assert meta["train_flops"] == 384
+    assert meta["losses_first"] == {"iteration": 1, "loss": pytest.approx(logged[1], rel=1e-5)}
+    assert meta["losses_last"] == {"iteration": 8, "loss": pytest.approx(logged[8], rel=1e-5)}
+    assert checkpoint.load(str(tmp_path / "run" / "checkpoint_last.pth"))["flops_per_iter"] == 48  # kept on resume
+
+
+def test_flop_counter_counts_around_autograd_grad():
+    """Montage's ERF takes gradients of an output position with respect to the input (autograd.grad), which
+    torch's FlopCounterMode refuses. A 3x3 conv, 2 -> 3 channels, on a non-square 5 x 7 input: the forward
+    2 x (3 x 5 x 7) x (2 x 3 x 3) = 3780 FLOPs, the input gradient (a transposed conv) the same; the weight,
+    which needs no gradient here, none."""
+    from common.metrics import FlopCounter
+    x = torch.randn(1, 2, 5, 7, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3)
+    with FlopCounter() as counter:
+        out = torch.nn.functional.conv2d(x, w, padding=1)
+        torch.autograd.grad(out[0, :, 2, 3].sum(), x)
+    assert counter.total == 2 * 3780
