@@ -177,19 +177,30 @@ CLAIM_SEEDS ?= 0 1 2
 CLAIM_ROWS = direct-p1x montage aligndet aligndet-common predet predet-cls scratch scratch-2x scratch-4x scratch-8x
 CLAIMS = direct-p1x>scratch montage>scratch aligndet-common>montage predet>predet-cls predet>scratch
 claim_expect = $(foreach r,$(CLAIM_ROWS),$(foreach s,$(CLAIM_SEEDS),ft-$(r)-s$(s)))
-CLAIM_DIRECT = $(CPU_DET) --direct-size 96 --roi-batch-size 32 --batch-size 8 --lr 0.01 --iters 75 --warmup-iters 8
+# The same protocol on a GPU at a larger scale: make demo-claims OUT=runs-gpu CLAIM_DEVICE=cuda CLAIM_SCALE=4
+# CLAIM_JOBS=8 multiplies every iteration count (warm-ups included) by 4, which keeps every budget ratio.
+CLAIM_DEVICE ?= cpu
+CLAIM_SCALE ?= 1
+CLAIM_JOBS ?= $(DEMO_JOBS)
+CLAIM_WORKERS ?= 1
+x = $(shell echo $$(( $(1) * $(CLAIM_SCALE) )))
+CLAIM_RUN = --device $(CLAIM_DEVICE) --workers $(CLAIM_WORKERS) --print-freq 10 --clip-grad 10
+CLAIM_FT = $(PY) finetune.py $(CPU_DET) $(CLAIM_RUN) --preset cpu --roi-batch-size 64 --batch-size 4 --base-lr 0.02 \
+	--eval-batch-size 8
+CLAIM_DIRECT = $(CPU_DET) --direct-size 96 --roi-batch-size 32 --batch-size 8 --lr 0.01 --iters $(call x,75) \
+	--warmup-iters $(call x,8)
 CLAIM_MONTAGE = --backbone resnet18 --montage-size 96 --montage-split 32 --batch-size 16 --lr 0.025 \
-	--montage-erf-every 40 --montage-erf-batch 16
+	--montage-erf-every $(call x,40) --montage-erf-batch 16
 CLAIM_PREDET = --backbone resnet18 --preset cpu --box-head 2fc --anchor-scale 0.5 --predet-dim 64 \
 	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --predet-queries proposals
-CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 0.005 --iters 31 --warmup-iters 3 \
-	--align-ema 0.9
+CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 0.005 --iters $(call x,31) \
+	--warmup-iters $(call x,3) --align-ema 0.9
 
 demo-claims: install
 	@echo "toy protocol v3 (README): 3 seeds, scratch as a curve, compute in FLOPs; about 70 min on 2 cores"
-	OMP_NUM_THREADS=1 $(MAKE) -k -j $(DEMO_JOBS) claims-runs; status=$$?; \
+	OMP_NUM_THREADS=1 $(MAKE) -k -j $(CLAIM_JOBS) claims-runs; status=$$?; \
 	$(PY) -m common.results $(CL) --expect $(claim_expect) $(call claim_flags,$(CLAIMS)) --learned-drop 0.2; \
-	echo "toy scale (ResNet-18, 128 px, CPU): these are NOT paper numbers"; exit $$status
+	echo "toy scale (ResNet-18, 128 px): these are NOT paper numbers"; exit $$status
 # the longest stages first: make -j starts the goals in this order
 claims-runs: $(foreach s,$(CLAIM_SEEDS),$(CL)/ft-scratch-8x-s$(s)/results.json $(CL)/montage-half-s$(s)/model_final.pth) \
 	$(foreach d,$(claim_expect),$(CL)/$(d)/results.json)
@@ -197,35 +208,40 @@ claims-runs: $(foreach s,$(CLAIM_SEEDS),$(CL)/ft-scratch-8x-s$(s)/results.json $
 $(CL)/proposals.json: | $(SHAPES)
 	$(PY) -m common.proposals --method ss --workers 2 --out $@
 $(CL)/direct-p1x-s%/model_final.pth: | $(SHAPES)
-	$(PY) direct.py $(DEMO_RUN) $(CLAIM_DIRECT) --seed $* --output-dir $(@D) --resume auto
+	$(PY) direct.py $(CLAIM_RUN) $(CLAIM_DIRECT) --seed $* --output-dir $(@D) --resume auto
 $(CL)/montage-s%/model_final.pth: | $(SHAPES)
-	$(PY) montage.py $(DEMO_RUN) $(CLAIM_MONTAGE) --iters 177 --warmup-iters 18 --seed $* --output-dir $(@D) \
-		--resume auto
+	$(PY) montage.py $(CLAIM_RUN) $(CLAIM_MONTAGE) --iters $(call x,177) --warmup-iters $(call x,18) --seed $* \
+		--output-dir $(@D) --resume auto
 $(CL)/montage-half-s%/model_final.pth: | $(SHAPES)  # AlignDet's backbone: half the budget
-	$(PY) montage.py $(DEMO_RUN) $(CLAIM_MONTAGE) --iters 87 --warmup-iters 9 --seed $* --output-dir $(@D) \
-		--resume auto
+	$(PY) montage.py $(CLAIM_RUN) $(CLAIM_MONTAGE) --iters $(call x,87) --warmup-iters $(call x,9) --seed $* \
+		--output-dir $(@D) --resume auto
 $(CL)/aligndet-s%/model_final.pth: $(CL)/montage-half-s%/model_final.pth $(CL)/proposals.json
-	$(PY) alignDet.py $(DEMO_RUN) $(CLAIM_ALIGNDET) --backbone-weights $< --align-proposals $(word 2,$^) \
+	$(PY) alignDet.py $(CLAIM_RUN) $(CLAIM_ALIGNDET) --backbone-weights $< --align-proposals $(word 2,$^) \
 		--seed $* --output-dir $(@D) --resume auto
 $(CL)/predet-s%/model_final.pth: $(CL)/proposals.json
-	$(PY) predet.py $(DEMO_RUN) $(CLAIM_PREDET) --iters 57 --warmup-iters 6 --proposals $< --seed $* \
-		--output-dir $(@D) --resume auto
-$(CL)/predet-cls-s%/model_final.pth: $(CL)/proposals.json
-	$(PY) predet.py $(DEMO_RUN) $(CLAIM_PREDET) --iters 90 --warmup-iters 9 --predet-no-det --proposals $< \
+	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,57) --warmup-iters $(call x,6) --proposals $< \
 		--seed $* --output-dir $(@D) --resume auto
+$(CL)/predet-cls-s%/model_final.pth: $(CL)/proposals.json
+	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,90) --warmup-iters $(call x,9) --predet-no-det \
+		--proposals $< --seed $* --output-dir $(@D) --resume auto
 
 $(CL)/ft-scratch-s%/results.json: | $(SHAPES)
-	$(DEMO_FT) --init scratch --seed $* --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init scratch --iters $(call x,60) --warmup-iters $(call x,6) --seed $* --output-dir $(@D) --resume auto
 $(CL)/ft-scratch-2x-s%/results.json: | $(SHAPES)
-	$(DEMO_FT) --init scratch --iters 120 --warmup-iters 12 --seed $* --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init scratch --iters $(call x,120) --warmup-iters $(call x,12) --seed $* --output-dir $(@D) \
+		--resume auto
 $(CL)/ft-scratch-4x-s%/results.json: | $(SHAPES)
-	$(DEMO_FT) --init scratch --iters 240 --warmup-iters 24 --seed $* --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init scratch --iters $(call x,240) --warmup-iters $(call x,24) --seed $* --output-dir $(@D) \
+		--resume auto
 $(CL)/ft-scratch-8x-s%/results.json: | $(SHAPES)
-	$(DEMO_FT) --init scratch --iters 480 --warmup-iters 48 --seed $* --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init scratch --iters $(call x,480) --warmup-iters $(call x,48) --seed $* --output-dir $(@D) \
+		--resume auto
 $(CL)/ft-aligndet-common-s%/results.json: $(CL)/aligndet-s%/model_final.pth
-	$(DEMO_FT) --init $< --protocol common --seed $* --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init $< --protocol common --iters $(call x,60) --warmup-iters $(call x,6) --seed $* \
+		--output-dir $(@D) --resume auto
 $(CL)/ft-%/results.json: $(CL)/%/model_final.pth  # ft-<row>-s<seed> from <row>-s<seed>
-	$(DEMO_FT) --init $< --seed $(lastword $(subst -s, ,$*)) --output-dir $(@D) --resume auto
+	$(CLAIM_FT) --init $< --iters $(call x,60) --warmup-iters $(call x,6) --seed $(lastword $(subst -s, ,$*)) \
+		--output-dir $(@D) --resume auto
 
 # --- make compare: GPUs, COCO (DATA), DETECTOR=maskrcnn|fasterrcnn|retinanet|fcos, the papers' recipes ---
 C = $(OUT)/compare/$(DETECTOR)
