@@ -67,8 +67,8 @@ from common.transforms import PRESETS, to_float_batch, train_augment, train_resi
 # How AlignDet fine-tunes (its official fine-tuning configs; written into model_final.pth, applied by
 # finetune.py --protocol paper). Their FPN has SyncBN, which this repo's FPN (no norm) has no counterpart for.
 FINETUNE_RECIPE = {"bn": "affine", "trainable_layers": 3, "lr_mult": 1.5, "wd_mult": 0.5,
-                   "source": "AlignDet's official fine-tuning configs: BN statistics fixed with trainable affine "
-                             "(norm_eval), stem + res2 frozen, lr x1.5 and weight decay x0.5"}
+                   "source": "paper: none stated. AlignDet's official fine-tuning configs: BN statistics fixed "
+                             "with trainable affine (norm_eval), stem + res2 frozen, lr x1.5, weight decay x0.5"}
 
 
 def get_args_parser(add_help=True):

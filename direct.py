@@ -69,8 +69,8 @@ SCHEDULES = {"P1x": 1, "P2x": 2, "P3x": 3, "P4x": 4}
 MEAN_COLOUR = [round(255 * m) for m in IMAGENET_MEAN]  # uint8 padding that normalises to ~0
 # How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
 FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
-                   "source": "Direct paper sec. 3.4 and Table 2: BN 'Fixed' (statistics and affine frozen), stem + "
-                             "res2 frozen (the official configs), the 1x lr and schedule"}
+                   "source": "paper (Direct sec. 3.4, Table 2): BN 'Fixed', statistics and affine frozen; the 1x "
+                             "schedule. Not in the paper: stem + res2 frozen (its official configs), lr x1"}
 
 
 def get_args_parser(add_help=True):

@@ -72,8 +72,8 @@ INDEX_DTYPE = np.dtype([("offset", "i8"), ("height", "i4"), ("width", "i4"), ("l
 CACHE_VERSION = 2  # bump when extraction changes: older caches are then left unused
 # How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
 FINETUNE_RECIPE = {"bn": "frozen", "trainable_layers": 3,
-                   "source": "Montage paper sec. 4.5: BN frozen when transferring; frozen stages and lr not stated: "
-                             "the standard 1x recipe's (stem + res2 frozen, lr x1)"}
+                   "source": "paper (Montage sec. 4.5): BN frozen when transferring. Inferred (not stated): stem "
+                             "+ res2 frozen and lr x1, the standard 1x recipe's"}
 
 
 def get_args_parser(add_help=True):

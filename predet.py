@@ -78,9 +78,9 @@ SIZES = {"480": 480, "cpu": 128}  # view side in px: the paper's 480x480, or the
 EXPORT = (("backbone.", "backbone."), ("crpn.conv.", "rpn.head.conv."), ("croi.box_head.", "roi_heads.box_head."))
 # How the paper fine-tunes (written into model_final.pth, applied by finetune.py --protocol paper)
 FINETUNE_RECIPE = {"bn": "train", "trainable_layers": 5, "mask_head_lr_mult": 4.0, "preset": "multiscale",
-                   "source": "PreDet paper sec. 4.2: no layer frozen (BN trains, SyncBN on several GPUs), mask head "
-                             "lr x4, short sides {640..800} with flip (its random crop, of unstated size, is not "
-                             "applied); lr and decay grid-searched, values not stated: the 1x recipe's"}
+                   "source": "paper (PreDet sec. 4.2): 'fine-tuned without freezing any layers', mask head lr x4, "
+                             "short sides {640..800}. Inferred: BN trains (SyncBN on several GPUs); lr and decay x1 "
+                             "(grid-searched, values not stated); its random crop, of unstated size, not applied"}
 
 
 def get_args_parser(add_help=True):

@@ -342,7 +342,7 @@ def test_finetune_loads_the_whole_pretrained_detector_with_frozen_bn(shapes, tmp
     proc = run_script("finetune.py", "--detector", "maskrcnn", "--init", pre / "model_final.pth", *TINY, *shapes,
                       "--roi-batch-size", "8", "--detections-per-img", "10", "--batch-size", "2", "--iters", "2",
                       "--warmup-iters", "1", "--output-dir", ft)
-    assert "(method direct, --protocol paper): Direct paper sec. 3.4 and Table 2" in proc.stdout
+    assert "(method direct, --protocol paper): paper (Direct sec. 3.4, Table 2)" in proc.stdout
     assert "--bn frozen: the recipe's" in proc.stdout and "--trainable-layers 3: the recipe's" in proc.stdout
     rows = re.findall(r"^\s+(\w+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", proc.stdout, re.M)
     assert {r[0] for r in rows} == set(meta["parts"])
