@@ -7,6 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# a torch / torchvision pair the suite passed with (requirements.txt lists them and declares their range): the
+# newest this project's machines install (their pip caps torch at 2.14.1; 2.15.0 passed in a venv of its own)
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 
 NGPU ?= 8

@@ -263,7 +263,7 @@ def main(args):
     print(f"model: {args.detector} {args.backbone} ({args.box_head} box head), {train_set.num_classes} classes, "
           f"{count_parameters(model) / 1e6:.1f}M parameters, BN: {args.bn}")
     model_without_ddp = model  # per-GPU BN statistics, not re-broadcast from rank 0 at every step (mmdet):
-    model = dist.data_parallel(model, device, forward_sync_buffers=False)
+    model = dist.data_parallel(model, device, sync_buffers=False)
 
     # optimisation: SGD, no weight decay on norm layers, warmup then a fixed lr
     global_batch = args.batch_size * dist.get_world_size()

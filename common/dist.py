@@ -7,6 +7,7 @@ Pattern from torchvision ``references/detection/utils.py`` and DETR ``util/misc.
 """
 import builtins
 import datetime
+import inspect
 import os
 import random
 
@@ -70,11 +71,21 @@ def _setup_printing(is_main):
     builtins.print = rank_print
 
 
-def data_parallel(model, device, **kwargs):
-    """``model`` in DistributedDataParallel under torchrun (``kwargs`` go to it), the model itself in one
-    process: gradients are averaged over ranks in backward."""
+# DDP's keyword that leaves each rank's buffers (BN running statistics) its own at every forward:
+# forward_sync_buffers from torch 2.13 on, where broadcast_buffers is deprecated; broadcast_buffers before. The
+# one difference, forward_sync_buffers=False still copying rank 0's buffers when DDP wraps the model, changes
+# nothing here: every rank builds its BN buffers at the same 0/1.
+_DDP_KEYWORDS = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+RANK_LOCAL_BUFFERS = ("forward_sync_buffers" if "forward_sync_buffers" in _DDP_KEYWORDS else "broadcast_buffers")
+
+
+def data_parallel(model, device, sync_buffers=True):
+    """``model`` in DistributedDataParallel under torchrun, the model itself in one process: gradients are
+    averaged over ranks in backward. ``sync_buffers=False``: each rank keeps its own buffers (per-GPU BN
+    statistics) instead of taking rank 0's at every forward."""
     if get_world_size() == 1:
         return model
+    kwargs = {} if sync_buffers else {RANK_LOCAL_BUFFERS: False}
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
                                                      **kwargs)
 

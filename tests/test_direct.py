@@ -190,6 +190,11 @@ def test_lr_is_scaled_from_batch_64_warmed_up_then_fixed():
     assert (args.batch_size, args.direct_size, args.schedule, args.weight_decay) == (8, 448, "P1x", 1e-4)
 
 
+# the keyword of the installed torch's DDP that keeps per-GPU buffers: forward_sync_buffers from torch 2.13 on
+DDP_RANK_LOCAL_BUFFERS = next(k for k in ("forward_sync_buffers", "broadcast_buffers")
+                              if k in inspect.signature(nn.parallel.DistributedDataParallel).parameters)
+
+
 class StopBeforeWriting(Exception):
     pass
 
@@ -265,7 +270,7 @@ def test_main_pretrains_from_random_init_with_the_papers_optimizer_lr_and_length
                         world)
     model, optimizer = seen["model"], seen["optimizer"]
     assert (seen["max_iters"], seen["samples_per_iter"]) == (iters, batch)  # Run counts samples per rank
-    assert seen.get("ddp") == (None if world == 1 else {"device_ids": None, "forward_sync_buffers": False})
+    assert seen.get("ddp") == (None if world == 1 else {"device_ids": None, DDP_RANK_LOCAL_BUFFERS: False})
     expected = {it: lr * (0.01 + 0.99 * it / warmup) if it < warmup else lr
                 for it in (0, 1, 250, 499, 500, 999, 1000, iters - 1)}
     assert seen["lrs"] == pytest.approx(expected, rel=1e-9)
@@ -377,12 +382,19 @@ def test_frozen_bn_is_refused_in_one_line(shapes, tmp_path):
                                    "(--bn bn, or syncbn on several GPUs)")
 
 
-def test_requirements_floor_is_the_tested_torch_which_has_ddp_forward_sync_buffers():
-    """direct.py passes forward_sync_buffers to DDP (torch >= 2.13); requirements.txt's floor is the torch /
-    torchvision that `make install` installs and the suite is run with (the Makefile's TORCH_PKGS)."""
-    assert "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+def test_requirements_declare_exactly_the_tested_torch_range_and_make_installs_a_tested_pair():
+    """requirements.txt lists the torch / torchvision pairs the suite passed with ('# tested:' lines); its range
+    for each runs from the oldest listed to the newest, and `make install` (the Makefile's TORCH_PKGS) installs
+    one of the listed pairs."""
+    text = open(os.path.join(ROOT, "requirements.txt")).read()
+    version = lambda v: tuple(map(int, v.split(".")))  # noqa: E731
+    tested = [dict(re.findall(r"(torch|torchvision)==([\d.]+)", line))
+              for line in re.findall(r"^# tested: (.*)$", text, re.M)]
+    assert len(tested) >= 2 and all(set(pair) == {"torch", "torchvision"} for pair in tested), tested
+    for package in ("torch", "torchvision"):
+        declared = re.findall(rf"^{package}>=([\d.]+),<=([\d.]+)\s*$", text, re.M)
+        assert declared == [(min((p[package] for p in tested), key=version),
+                             max((p[package] for p in tested), key=version))], (package, declared)
     pins = dict(re.findall(r"(torch|torchvision)==([\d.]+)",
                            re.search(r"^TORCH_PKGS \?= (.*)$", open(os.path.join(ROOT, "Makefile")).read(), re.M)[1]))
-    floors = dict(re.findall(r"^(torch|torchvision)>=([\d.]+)", open(os.path.join(ROOT, "requirements.txt")).read(),
-                             re.M))
-    assert floors == pins and set(pins) == {"torch", "torchvision"}
+    assert pins in tested
