@@ -14,10 +14,15 @@ sys.path.insert(0, ROOT)
 
 from common import synthetic  # noqa: E402
 
-# the smallest detector configuration that still exercises every code path (CPU tests)
+# the smallest detector configuration that still exercises every code path (CPU tests: --device cpu also where
+# CUDA is visible)
 TINY = ["--backbone", "resnet18", "--preset", "cpu", "--rpn-batch-size", "32", "--roi-batch-size", "32",
         "--rpn-post-nms-train", "64", "--rpn-post-nms-test", "32", "--workers", "0", "--print-freq", "1",
-        "--anchor-scale", "0.5", "--no-tb"]
+        "--anchor-scale", "0.5", "--no-tb", "--device", "cpu"]
+SMALL = TINY[:TINY.index("--preset")] + TINY[TINY.index("--preset") + 2:]  # direct.py sizes with --direct-size
+# what picks a device (default: CUDA where visible): every run of these in a test says which (--device)
+DEVICE_SCRIPTS = {"finetune.py", "direct.py", "montage.py", "predet.py", "alignDet.py", "common.similarity",
+                  "tests.bench"}
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +53,20 @@ def write_scene(root, h, w, boxes, colours):
     return os.path.join(root, "images"), ann
 
 
+def script_command(script, *args):
+    """``python <script> args`` (``python -m <script>`` for a module); refuses (AssertionError) a run of a
+    script in DEVICE_SCRIPTS without --device, which would be a GPU run where CUDA is visible."""
+    argv = [script, *map(str, args)]
+    if DEVICE_SCRIPTS & set(argv) and "--device" not in argv:
+        raise AssertionError(f"{' '.join(argv)[:200]}...: a test names the device (--device cpu in the CPU suite)")
+    return [sys.executable, *([] if script.endswith(".py") else ["-m"]), *argv]
+
+
 def run_script(script, *args, expect_rc=0, timeout=600, env=None):
     """Runs ``python <script> args`` from the repo root; asserts its exit status; returns the result."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run([sys.executable, *([script] if script.endswith(".py") else ["-m", script]),
-                           *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)
+    proc = subprocess.run(script_command(script, *args), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
     if expect_rc is not None and proc.returncode != expect_rc:
         raise AssertionError(f"{script} exited {proc.returncode} (expected {expect_rc})\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")

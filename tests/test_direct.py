@@ -17,9 +17,8 @@ from torchvision.ops import FrozenBatchNorm2d
 import direct
 from common import cli
 from common.coco import CocoDetection
-from conftest import ROOT, TINY, iteration_losses, run_script, write_scene
+from conftest import ROOT, SMALL, TINY, iteration_losses, run_script, write_scene
 
-SMALL = [f for f in TINY if f not in ("--preset", "cpu")]  # direct.py sizes images with --direct-size
 # 8 sampled RoIs per image: the 4conv1fc head's convolutions on the RoIs dominate a CPU step
 PRE = ["--detector", "fasterrcnn", "--direct-size", "64", "--batch-size", "2", "--warmup-iters", "2", *SMALL,
        "--roi-batch-size", "8"]

@@ -26,7 +26,7 @@ import torch
 
 from common import dist
 from common.loader import ShardSampler, TrainBatchSampler
-from conftest import TINY, iteration_losses, run_script
+from conftest import SMALL, TINY, iteration_losses, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 HARNESS = "tests/dist_harness.py"
@@ -152,7 +152,6 @@ def assert_mean_of_ranks(ddp, played, initial, what):
 
 
 # flags of one SGD step at a fixed lr on 1 image per rank (no warm-up: the step must be lr x the gradient)
-SMALL = [f for f in TINY if f not in ("--preset", "cpu")]
 STEP = ["--batch-size", "1", "--warmup-iters", "0", "--lr", "0.02", "--max-iters", "1", "--device", "cpu"]
 DETECTION_SCRIPTS = {
     "finetune.py": ["--detector", "fasterrcnn", "--init", "scratch", "--iters", "12", *TINY],

@@ -18,7 +18,7 @@ import torch
 from common import checkpoint, coco_eval, dist, engine
 from common.coco_eval import evaluate
 from common.loader import build_eval_loader, build_train_loader
-from conftest import ROOT, TINY, iteration_losses, run_script
+from conftest import ROOT, TINY, iteration_losses, run_script, script_command
 from test_checkpoint import own_signal_handlers, run_args, tiny_run  # noqa: F401 (a fixture)
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
@@ -30,7 +30,7 @@ SCRIPTS = {
     "direct.py": ["--detector", "fasterrcnn", "--backbone", "resnet18", "--direct-size", "96", "--batch-size", "2",
                   "--anchor-scale", "0.5", "--rpn-batch-size", "32", "--roi-batch-size", "32",
                   "--rpn-post-nms-train", "64", "--warmup-iters", "2", "--epochs", "10", "--workers", "0",
-                  "--print-freq", "1", "--no-tb"],
+                  "--print-freq", "1", "--no-tb", "--device", "cpu"],
     "montage.py": ["--backbone", "resnet18", "--montage-size", "64", "--montage-split", "32", "--batch-size", "4",
                    "--iters", "20", "--warmup-iters", "2", "--montage-erf-every", "3", "--montage-erf-batch", "2",
                    "--workers", "0", "--print-freq", "1", "--no-tb", "--device", "cpu"],
@@ -47,8 +47,8 @@ ITERS = 6
 
 def _start(script, flags, out, resume=False, workers=0):
     """The script in a process group of its own (as a batch job), with ``workers`` DataLoader processes."""
-    cmd = [sys.executable, script, *map(str, flags), "--max-iters", str(ITERS), "--ckpt-every", "2", "--keep-ckpts", "2",
-           "--output-dir", out, "--workers", str(workers), *(["--resume", "auto"] if resume else [])]
+    cmd = script_command(script, *flags, "--max-iters", ITERS, "--ckpt-every", 2, "--keep-ckpts", 2,
+                         "--output-dir", out, "--workers", workers, *(["--resume", "auto"] if resume else []))
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"), start_new_session=True)
 
