@@ -40,7 +40,9 @@ def init_distributed(device="auto", timeout_s=600):
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu")
+        from common.cli import UserError  # noqa: PLC0415 (common.cli imports this module)
+        raise UserError("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False); "
+                        "use --device cpu, or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

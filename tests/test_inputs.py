@@ -113,6 +113,16 @@ def test_bad_flags_are_one_line_errors(tmp_path, monkeypatch, capsys, module, fl
     assert message in (out / "error.txt").read_text()
 
 
+@pytest.mark.parametrize("module", [finetune, direct, montage, predet, alignDet], ids=lambda m: m.__name__)
+def test_device_cuda_without_a_gpu_is_one_line(tmp_path, monkeypatch, capsys, module):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["--init", "scratch"] if module is finetune else []
+    code, err = run_in_process(module, [*base, "--device", "cuda", "--output-dir", tmp_path / "run"], monkeypatch,
+                               capsys)
+    assert code == 2 and err == ["error: --device cuda: no CUDA device is visible here (torch.cuda.is_available() "
+                                 "is False); use --device cpu, or auto"], err
+
+
 def test_valid_flags_pass_the_checks(tmp_path, monkeypatch, capsys):
     """The other side of each threshold: the smallest valid values start the run."""
     flags = ["--init", "scratch", "--device", "cpu", "--output-dir", tmp_path, "--print-freq", "1", "--lr", "1e-6",
