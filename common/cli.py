@@ -197,9 +197,13 @@ def run(main, parser, argv=None):
 
 
 def record_error(args, message, skipped=False):
-    """Leaves the reason a run stopped in <output-dir>/error.txt, where the results table reads it."""
+    """Leaves the reason a run stopped in <output-dir>/error.txt, where the results table reads it; where that
+    cannot be written (a read-only or full disk), the line on stderr is the only record."""
     out = getattr(args, "output_dir", None)
     if out and os.environ.get("RANK", "0") == "0":
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "error.txt"), "w") as f:
-            f.write(("skipped: " if skipped else "") + message + "\n")
+        try:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "error.txt"), "w") as f:
+                f.write(("skipped: " if skipped else "") + message + "\n")
+        except OSError:
+            pass

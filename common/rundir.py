@@ -29,8 +29,12 @@ def _lock_run_dir(out):
     if _run_lock is not None:  # one run per process (a second main() in the same process)
         _run_lock.close()
         _run_lock = None
-    os.makedirs(out, exist_ok=True)
-    f = open(os.path.join(out, LOCK_FILE), "a+")
+    try:  # the run's first write into its directory
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, LOCK_FILE), "a+")
+    except OSError as e:  # read-only file system, no permission, a file of that name...
+        raise UserError(f"--output-dir {out}: cannot write there ({e.strerror}); expected a directory this run "
+                        "can write to") from None
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

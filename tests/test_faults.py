@@ -1,9 +1,11 @@
 """The fault matrix: preemption (SIGTERM, to the whole process group as schedulers send it), crashes (SIGKILL),
 non-finite losses and failing ranks, for every training script; stop signals during an evaluation or
 Montage's ERF pass, on one process and on two ranks. Each case asserts the exact behaviour the README promises."""
+import builtins
 import collections
 import contextlib
 import datetime
+import errno
 import io
 import json
 import os
@@ -15,11 +17,12 @@ import time
 import pytest
 import torch
 
-from common import checkpoint, coco_eval, dist, engine
+from common import checkpoint, cli, coco_eval, dist, engine
+from common.cli import UserError
 from common.coco_eval import evaluate
 from common.loader import build_eval_loader, build_train_loader
 from conftest import ROOT, TINY, iteration_losses, run_script, script_command
-from test_checkpoint import own_signal_handlers, run_args, tiny_run  # noqa: F401 (a fixture)
+from test_checkpoint import own_signal_handlers, run_args, second_run, tiny_run  # noqa: F401 (a fixture)
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
       "--warmup-iters", "5", *TINY]
@@ -372,3 +375,34 @@ def test_stops_inside_evaluations_and_erf_passes_are_agreed_by_every_rank(tmp_pa
     assert outcomes == [expected, expected]
     for case in range(3):  # each stop checkpointed once, by rank 0, with both ranks' random states
         assert len(checkpoint.load(str(tmp_path / str(case) / "checkpoint_last.pth"))["rng"]) == 2
+
+
+# ---- the disk: read-only, full ----
+
+def test_a_read_only_output_directory_is_one_line(tmp_path, monkeypatch, capsys):
+    """As root (CI) a chmod stops nothing: here every open() of a file in the directory fails as on a read-only
+    mount. The run stops at its first write with one line, exit 2; a user error later, whose error.txt cannot
+    be written either, is still one line."""
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = builtins.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(out)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    def late_error(args):
+        raise UserError("a user error after the directory was checked")
+
+    monkeypatch.setattr(builtins, "open", read_only)
+    for start, line in ((lambda: second_run(out),  # prepare_output_dir: a script's first write there
+                         f"error: --output-dir {out}: cannot write there (Read-only file system); expected a "
+                         "directory this run can write to"),
+                        (lambda: cli.run(late_error, cli.base_parser(), ["--output-dir", str(out)]),
+                         "error: a user error after the directory was checked")):
+        with pytest.raises(SystemExit) as stop:
+            start()
+        assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
+    monkeypatch.undo()
+    assert os.listdir(out) == []
