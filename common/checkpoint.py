@@ -12,12 +12,14 @@ leaves the previous file intact; its mode follows the umask, as every other file
 folder shared by a group). Nothing in a checkpoint is executable: only tensors and plain containers.
 """
 import collections
+import errno
 import glob
 import os
 import pickle
 import random
 import re
 import secrets
+import shutil
 import struct
 
 import numpy as np
@@ -28,9 +30,31 @@ from common.cli import UserError
 from common.detectors import PART_NAMES, part_of, parts_of
 
 
+class _Writes:
+    """A file as torch.save writes to it, keeping the OSError of a failed write (torch reports it as a
+    RuntimeError without the errno); with ``f=None`` it only counts the bytes."""
+
+    def __init__(self, f=None):
+        self.f, self.size, self.error = f, 0, None
+
+    def write(self, data):
+        try:
+            written = self.f.write(data) if self.f is not None else len(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.size += written
+        return written
+
+    def flush(self):
+        if self.f is not None:
+            self.f.flush()
+
+
 def save(obj, path):
     """torch.save to a temp file + fsync + rename: the file at ``path`` is always complete. The temporary file
-    is created with mode 0666 less the umask (tempfile.mkstemp would make it 0600, for its owner only)."""
+    is created with mode 0666 less the umask (tempfile.mkstemp would make it 0600, for its owner only). A full
+    disk is one line (UserError) naming the directory, the space the state needs and what is free there."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     while True:
@@ -40,16 +64,37 @@ def save(obj, path):
             break
         except FileExistsError:
             continue
+    writes = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writes = _Writes(f)
+            torch.save(obj, writes)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        error = e if isinstance(e, OSError) else getattr(writes, "error", None)
+        if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(_no_space(obj, path)) from None
         raise
+
+
+def _no_space(obj, path):
+    """The line of a save that found no space: the directory, the size of the state (serialised again, into
+    nothing), the space free there, and that the previous file is intact."""
+    counter = _Writes()
+    torch.save(obj, counter)
+    directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    left = f"the previous {name} is intact" if os.path.exists(path) else f"{name} was not written"
+    return (f"{directory}: no space left on the device: {name} needs {_size(counter.size)} (the state being "
+            f"written), {_size(shutil.disk_usage(directory).free)} free there; {left}: free space there and run "
+            "the same command with --resume auto")
+
+
+def _size(n):
+    return f"{n / 2**10:.1f} KiB" if n < 2**20 else f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 def load(path, kind=None):

@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from common.cli import UserError
 from common.coco_eval import evaluate
 from common.loader import build_eval_loader, build_train_loader
 from conftest import ROOT, TINY, iteration_losses, run_script, script_command
-from test_checkpoint import own_signal_handlers, run_args, second_run, tiny_run  # noqa: F401 (a fixture)
+from test_checkpoint import own_signal_handlers, run_args, second_run, tiny_run, train  # noqa: F401 (a fixture)
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
       "--warmup-iters", "5", *TINY]
@@ -406,3 +407,47 @@ def test_a_read_only_output_directory_is_one_line(tmp_path, monkeypatch, capsys)
         assert stop.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [line]
     monkeypatch.undo()
     assert os.listdir(out) == []
+
+
+class FullDisk:
+    """A file on a disk with ``free`` bytes left: a write past them fails with ENOSPC, as write(2) does."""
+
+    def __init__(self, f, free):
+        self.f, self.free = f, free
+
+    def write(self, data):
+        if len(data) > self.free:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.free -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch,
+                                                                                 own_signal_handlers):
+    out = tmp_path / "run"
+    run, loader = tiny_run(run_args(out), max_iters=6)
+    train(run, loader)  # checkpoint_last.pth at iteration 6
+    before = (out / "checkpoint_last.pth").read_bytes()
+    state = io.BytesIO()
+    torch.save(run.state(), state)
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), free=1000))
+    with pytest.raises(UserError) as full:
+        run.save()
+    monkeypatch.undo()
+    needed = f"{len(state.getvalue()) / 1024:.1f} KiB"
+    assert re.fullmatch(re.escape(f"{out}: no space left on the device: checkpoint_last.pth needs {needed} (the state "
+                                  "being written), ") + r"[\d.]+ [KMG]iB free there; " + re.escape(
+        "the previous checkpoint_last.pth is intact: free space there and run the same command with --resume auto"),
+        str(full.value)), full.value
+    assert (out / "checkpoint_last.pth").read_bytes() == before and not [
+        name for name in os.listdir(out) if name.startswith(".tmp-")]
