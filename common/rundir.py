@@ -92,6 +92,9 @@ def prepare_output_dir(args, default):
     if dist.is_main_process():
         if os.path.exists(os.path.join(out, "error.txt")):
             os.remove(os.path.join(out, "error.txt"))  # a new attempt: the last one's error is stale
+        log = os.path.join(out, "log.txt")
+        if not started and not getattr(args, "eval_only", False) and os.path.exists(log):
+            os.remove(log)  # an attempt killed before its first checkpoint: this one starts again at iteration 0
         record = os.path.join(out, "args.json")
         if not (started and not args.overwrite and os.path.exists(record)):
             with open(record, "w") as f:

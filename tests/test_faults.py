@@ -22,8 +22,10 @@ from common import checkpoint, cli, coco_eval, dist, engine
 from common.cli import UserError
 from common.coco_eval import evaluate
 from common.loader import build_eval_loader, build_train_loader
+from common.metrics import read_jsonl
 from conftest import ROOT, TINY, iteration_losses, run_script, script_command
-from test_checkpoint import own_signal_handlers, run_args, second_run, tiny_run, train  # noqa: F401 (a fixture)
+from test_checkpoint import (own_signal_handlers, run_args, second_run, sgd_step, tiny_run,  # noqa: F401 (a fixture)
+                             train)
 
 FT = ["--detector", "fasterrcnn", "--init", "scratch", "--batch-size", "2", "--iters", "40",
       "--warmup-iters", "5", *TINY]
@@ -451,3 +453,19 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
         str(full.value)), full.value
     assert (out / "checkpoint_last.pth").read_bytes() == before and not [
         name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("resume", ["auto", None])
+def test_a_kill_before_the_first_checkpoint_leaves_one_log_record_per_iteration(tmp_path, resume, own_signal_handlers):
+    """Killed after logging iterations 1-4, before its first checkpoint (the epoch's end, 6): the run starts
+    again at 0, with --resume auto or without, and its log has each iteration once."""
+    out = tmp_path / "run"
+    run, loader = tiny_run(run_args(out), max_iters=8)
+    for it, x in run.batches(loader):
+        if it == 4:
+            break
+        sgd_step(run, (run.model(x) ** 2).mean())
+    assert not os.path.exists(out / "checkpoint_last.pth") and len(read_jsonl(str(out / "log.txt"))) == 4
+    train(*tiny_run(run_args(out, resume=resume), max_iters=8))
+    iterations = [r["iteration"] for r in read_jsonl(str(out / "log.txt")) if "loss" in r]
+    assert iterations == [1, 2, 3, 4, 5, 6, 7, 8]
