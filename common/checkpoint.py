@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import struct
+import sys
 
 import numpy as np
 import torch
@@ -183,18 +184,24 @@ class Checkpointer:
                 os.remove(old)
 
     def latest(self):
-        """Path of the newest complete checkpoint (by the iteration stored in it), or None."""
-        best, best_it = None, -1
+        """Path of the newest readable checkpoint (by the iteration stored in it), or None when there is none. An
+        unreadable one (truncated, corrupt) is passed over with a warning naming it and the one used instead;
+        when no checkpoint is readable, UserError: a resume never silently starts over at iteration 0."""
+        readable, unreadable = [], []
         for path in [self.last] + self.periodic()[::-1]:
-            if not os.path.exists(path):
-                continue
-            try:
-                it = load(path, kind="train_state")["iteration"]
-            except UserError as e:
-                print(f"warning: ignoring {e}")
-                continue
-            if it > best_it:
-                best, best_it = path, it
+            if os.path.exists(path):
+                try:
+                    readable.append((load(path, kind="train_state")["iteration"], path))
+                except UserError as e:
+                    unreadable.append(str(e))
+        if unreadable and not readable:
+            raise UserError(f"no readable checkpoint in {self.output_dir} to resume from: " + "; ".join(unreadable)
+                            + "; start over with --overwrite instead of --resume")
+        if not readable:
+            return None
+        iteration, best = max(readable)
+        for reason in unreadable:
+            print(f"warning: {reason}; resuming from {best} (iteration {iteration}) instead", file=sys.stderr)
         return best
 
 

@@ -47,15 +47,30 @@ def test_atomic_save_keeps_the_previous_file_on_a_crash(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["checkpoint_last.pth"]
 
 
-def test_periodic_checkpoints_keep_the_newest_and_latest_skips_corrupt(tmp_path):
+def test_periodic_checkpoints_keep_the_newest_and_latest_skips_corrupt(tmp_path, capsys):
     ck = checkpoint.Checkpointer(str(tmp_path), keep=2)
     for it in (10, 20, 30):
         ck.save({"kind": "train_state", "iteration": it}, periodic=True)
     assert [os.path.basename(p) for p in ck.periodic()] == ["checkpoint_00000020.pth", "checkpoint_00000030.pth"]
     assert checkpoint.load(ck.periodic()[0])["iteration"] == 20  # the hard link kept iteration 20's content
-    os.remove(ck.last)                                            # a new file (not the shared inode)
-    open(ck.last, "wb").write(b"garbage")                         # that got corrupted
-    assert ck.latest().endswith("checkpoint_00000030.pth")
+    newest = ck.periodic()[-1]
+    for corrupt in (ck.last, newest):  # new files (not the shared inode) that got corrupted
+        os.remove(corrupt)
+        open(corrupt, "wb").write(b"garbage")
+    capsys.readouterr()
+    assert ck.latest() == ck.periodic()[0]  # the previous kept one, each unreadable one named with it
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: ") and w.endswith(
+        f"; resuming from {ck.periodic()[0]} (iteration 20) instead") for w in warnings), warnings
+    assert {ck.last, newest} == {w.split(": ")[1] for w in warnings}
+
+    os.remove(ck.periodic()[0])
+    open(os.path.join(tmp_path, "checkpoint_00000020.pth"), "wb").write(b"garbage")
+    with pytest.raises(UserError) as none_readable:  # never a silent start at iteration 0
+        ck.latest()
+    message = str(none_readable.value)
+    assert "\n" not in message and message.startswith(f"no readable checkpoint in {tmp_path} to resume from: ")
+    assert all(name in message for name in (ck.last, newest, "checkpoint_00000020.pth", "--overwrite")), message
 
 
 def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
