@@ -1,8 +1,9 @@
 """One checkpoint contract for every script, written atomically and read with ``weights_only=True``.
 
 - ``checkpoint_last.pth`` and the periodic ``checkpoint_<iteration>.pth`` hold the full training state:
-  ``{"kind": "train_state", "model", "optimizer", "scaler", "iteration", "elapsed", "rng" (one entry per
-  rank), "extra" (method state: EMA teacher, ERF weights, ...), "args" (a plain dict), "meta"}``.
+  ``{"kind": "train_state", "model", "optimizer", "scaler", "iteration", "elapsed", "rng" and "meters" (one
+  entry per rank: its random streams, its loss sums of the logging interval and of the epoch), "extra" (method
+  state: EMA teacher, ERF weights, ...), "args" (a plain dict), "meta"}``.
   ``--resume`` reads them.
 - ``model_final.pth`` holds the weights to transfer: ``{"kind": "final", "model": state_dict, "meta":
   {method, detector, backbone, num_classes, parts, iterations, images_seen, wall_clock_s, world_size,

@@ -232,6 +232,7 @@ class Run:
         return {"kind": "train_state", "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration, "elapsed": self.elapsed(),
                 "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state()),
+                "meters": dist.all_gather_object([self.meter.state_dict(), self.epoch_meter.state_dict()]),
                 "extra": {k: v.state_dict() for k, v in self.extra.items()}, "args": vars(self.args),
                 "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
 
@@ -270,9 +271,13 @@ class Run:
         self.flops_per_iter = ck.get("flops_per_iter")
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
+            meters = ck["meters"][dist.get_rank()] if "meters" in ck else []  # (older checkpoints: none)
+            for meter, state in zip((self.meter, self.epoch_meter), meters):  # the sums of the cut interval, epoch
+                meter.load_state_dict(state, self.device)
         else:
             print(f"warning: {path} was written by {len(ck['rng'])} processes, this run has "
-                  f"{dist.get_world_size()}: the data order continues, random streams do not match exactly")
+                  f"{dist.get_world_size()}: the data order continues, random streams and the epoch's loss means "
+                  "do not match exactly")
         print(f"resumed from {path} at iteration {self.start_iter}")
 
     # ---- summaries ----

@@ -28,6 +28,15 @@ class Meter:
             self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
         self.count += 1
 
+    def state_dict(self):
+        """The running sums (on the CPU) and count: in a checkpoint, so that a resumed run's means are the
+        uninterrupted run's."""
+        return {"sums": {k: v.cpu() for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state, device):
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count = state["count"]
+
     def means(self, reduce=True):
         if not self.count:
             return {}

@@ -469,3 +469,19 @@ def test_a_kill_before_the_first_checkpoint_leaves_one_log_record_per_iteration(
     train(*tiny_run(run_args(out, resume=resume), max_iters=8))
     iterations = [r["iteration"] for r in read_jsonl(str(out / "log.txt")) if "loss" in r]
     assert iterations == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_the_means_logged_after_a_mid_epoch_resume_are_the_uninterrupted_runs(tmp_path, capsys, own_signal_handlers):
+    """Stopped at iteration 3 of a 6-iteration epoch, logging every 4: the resumed run's epoch record (train_*
+    means over iterations 1-6) and its record of iterations 1-4 hold the sums from before the stop."""
+    train(*tiny_run(run_args(tmp_path / "full", print_freq=4)))
+    run, loader = tiny_run(run_args(tmp_path / "cut", print_freq=4))
+    with pytest.raises(engine.Stopped):
+        train(run, loader, signal_in_iteration=3)
+    train(*tiny_run(run_args(tmp_path / "cut", print_freq=4, resume="auto")))
+    full, cut = (read_jsonl(str(tmp_path / name / "log.txt")) for name in ("full", "cut"))
+    means = [{k: v for k, v in r.items() if k.startswith("train_")} for r in full if "epoch" in r]
+    assert [r["iteration"] for r in full if "epoch" in r] == [6, 8] and all(means)
+    assert [{k: v for k, v in r.items() if k.startswith("train_")} for r in cut if "epoch" in r] == means
+    logged = [r["loss"] for r in full if "loss" in r and "epoch" not in r]
+    assert [r["loss"] for r in cut if "loss" in r and "epoch" not in r] == logged and len(logged) == 2
