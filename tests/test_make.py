@@ -55,6 +55,22 @@ def test_multi_node_lines(tmp_path):
     assert all("--nnodes=2 --node_rank=1 --nproc_per_node=4 --master_addr=10.0.0.7" in line for line in launches)
 
 
+def test_a_dry_run_of_a_pipeline_runs_nothing(tmp_path):
+    """make -n runs a recipe line that starts a sub-make (which inherits -n): such a line must not also make
+    the table. The venv's python here only leaves a mark; a top-level make (no inherited MAKEFLAGS...)."""
+    venv, marks = tmp_path / "venv", tmp_path / "python-ran"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(f'#!/bin/sh\necho "$@" >> {marks}\n')
+    (venv / "bin" / "python").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    for goal in ("demo", "demo-claims", "compare"):
+        proc = subprocess.run(["make", "-n", "--no-print-directory", goal, f"VENV={venv}", f"OUT={tmp_path}/out",
+                               "DATA=/data/coco"], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+        assert proc.returncode == 0, (goal, proc.stderr[-3000:])
+        assert f"{venv}/bin/python -m common.results {tmp_path}/out/" in proc.stdout, goal  # the plan shows it
+        assert not marks.exists() and not os.path.exists(tmp_path / "out"), goal
+
+
 def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(shapes, tmp_path):
     """A demo stage killed half-way resumes on the next `make`; a finished stage is not run again."""
     tiny_ft = ("$(PY) finetune.py --detector fasterrcnn --backbone resnet18 --preset cpu --anchor-scale 0.5 "
