@@ -60,7 +60,7 @@ from common.coco import CocoDetection, resolve_data
 from common.detectors import FINAL_LAYERS, add_detector_args, build_detector, check_detector_args, detector_kwargs
 from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_train_loader
-from common.optim import LR_1X, lr_at, param_groups, scaled_lr, schedule_1x, set_lr
+from common.optim import LR_1X, lr_at, param_groups, scaled_lr, schedule_1x, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
 from common.transforms import PRESETS, to_float_batch, train_augment, train_resize
 
@@ -87,7 +87,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr-steps", type=int, nargs="+", default=[8, 11], help="epochs after which lr x0.1")
     g.add_argument("--iters", type=int, default=None,
                    help="train this many iterations instead of epochs; lr steps at 8/12 and 11/12 of them")
-    g.add_argument("--warmup-iters", type=int, default=500)
+    g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(500))
     g.add_argument("--preset", default="multiscale", choices=sorted(PRESETS), help="view sizes (transforms.py)")
     # aligndet specific
     g = parser.add_argument_group("aligndet specific")
@@ -487,6 +487,8 @@ def main(args):
     iters_per_epoch = loader.batch_sampler.batches_per_epoch
     total, lr_steps = schedule_1x(args.iters, args.epochs, args.lr_steps, iters_per_epoch)
     max_iters = min(total, args.max_iters or total)
+    # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
+    args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 500, total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), lr {base_lr:g} "
           f"x0.1 at {lr_steps}, warmup {args.warmup_iters}; EMA momentum {args.align_ema} -> 1"
           + (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))

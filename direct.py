@@ -56,7 +56,7 @@ from common.coco import CocoDetection, resolve_data
 from common.detectors import add_detector_args, build_detector_from_args, check_detector_args, count_parameters
 from common.engine import Run, targets_to
 from common.loader import build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
 from common.transforms import IMAGENET_MEAN, to_float_batch, train_augment
 
@@ -84,7 +84,7 @@ def get_args_parser(add_help=True):
                    help="base lr (default: 0.08 R-CNN / 0.04 RetinaNet, FCOS at global batch 64, scaled)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=1e-4, help="for all but norm layers (those get 0)")
-    g.add_argument("--warmup-iters", type=int, default=None, help="default 500 R-CNN / 1000 RetinaNet, FCOS")
+    g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help("500 R-CNN / 1000 RetinaNet, FCOS"))
     g.add_argument("--schedule", default="P1x", choices=sorted(SCHEDULES),
                    help="P1x = 88k iterations at global batch 64 (scaled to the global batch); P3x recommended")
     g.add_argument("--epochs", type=int, default=None, help="train this many passes over the set instead")
@@ -268,11 +268,13 @@ def main(args):
     # optimisation: SGD, no weight decay on norm layers, warmup then a fixed lr
     global_batch = args.batch_size * dist.get_world_size()
     base_lr = args.lr or paper_lr(args.detector, global_batch)
-    warmup = PAPER_WARMUP[args.detector] if args.warmup_iters is None else args.warmup_iters
     optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay, norm_weight_decay=0.0),
                                 lr=base_lr, momentum=args.momentum)
     iters_per_epoch = loader.batch_sampler.batches_per_epoch
     total = args.iters or (args.epochs * iters_per_epoch if args.epochs else schedule_iters(args.schedule, global_batch))
+    warmup = warmup_iters(args.warmup_iters, PAPER_WARMUP[args.detector], total)
+    # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
+    args.lr, args.warmup_iters = base_lr, warmup
     max_iters = min(total, args.max_iters or total)
     length = f"{args.iters} it" if args.iters else f"{args.epochs} epochs" if args.epochs else args.schedule
     print(f"schedule: {length} = {total} iterations at global batch {global_batch} ({total / iters_per_epoch:.1f} "

@@ -40,7 +40,7 @@ from common.detectors import add_detector_args, build_detector_from_args, check_
 from common.coco_eval import evaluate
 from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
-from common.optim import LR_1X, lr_at, param_groups, schedule_1x, set_lr
+from common.optim import LR_1X, lr_at, param_groups, schedule_1x, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
 from common.transforms import PRESETS, eval_resize, to_float_batch, train_augment, train_resize
 
@@ -78,7 +78,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr-steps", type=int, nargs="+", default=None, help="epochs after which lr x0.1")
     g.add_argument("--iters", type=int, default=None,
                    help="train this many iterations instead of epochs; lr steps at 8/12 and 11/12 of them")
-    g.add_argument("--warmup-iters", type=int, default=500)
+    g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(500))
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="image-size preset (transforms.py; default: the recipe's, 800 = single-scale 1333x800)")
     g.add_argument("--keep-empty-images", action="store_true", help="train on images without boxes too")
@@ -221,6 +221,8 @@ def main(args):
     epochs, steps = args.epochs or epochs, args.lr_steps or steps
     total, lr_steps = schedule_1x(args.iters, epochs, steps, iters_per_epoch)
     max_iters = min(total, args.max_iters or total)
+    # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
+    args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 500, total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, global batch {global_batch}), "
           f"lr {base_lr:g} x0.1 at {lr_steps}, warmup {args.warmup_iters}" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < total else ""))

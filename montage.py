@@ -59,7 +59,7 @@ from common.detectors import BACKBONES
 from common.engine import Run
 from common.metrics import FlopCounter
 from common.loader import SeededDataset, build_train_loader
-from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
 from common.transforms import normalize
 
@@ -87,7 +87,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--lr", type=float, default=None, help="peak lr (default: 0.8 at global batch 512, scaled)")
     g.add_argument("--warmup-factor", type=float, default=0.25,
                    help="the warm-up starts at this fraction of the peak lr (paper: 0.2 -> 0.8)")
-    g.add_argument("--warmup-iters", type=int, default=1250)
+    g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(1250))
     g.add_argument("--iters", type=int, default=64000, help="total iterations (the cosine reaches 0 here)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (not stated by the paper)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
@@ -527,6 +527,8 @@ def main(args):
     optimizer = torch.optim.SGD(param_groups(model_without_ddp, args.weight_decay), lr=base_lr,
                                 momentum=args.momentum)
     max_iters = min(args.iters, args.max_iters or args.iters)
+    # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
+    args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 1250, args.iters)
     print(f"schedule: {args.iters} iterations, global batch {global_batch} montages, "
           f"lr {base_lr * args.warmup_factor:g} -> {base_lr:g} over {args.warmup_iters}, cosine to 0; "
           f"loss {args.montage_loss}" +

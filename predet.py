@@ -69,7 +69,7 @@ from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_hea
 from common.engine import Run
 from common.loader import build_train_loader
 from common.proposals import load_proposals
-from common.optim import lr_at, param_groups, scaled_lr, set_lr
+from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
 from common.transforms import normalize
 
@@ -101,7 +101,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--iters", type=int, default=None, help="train this many iterations instead of epochs")
-    g.add_argument("--warmup-iters", type=int, default=1000)
+    g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(1000))
     g.add_argument("--preset", default="480", choices=sorted(SIZES), help="view size: 480 or cpu (128)")
     # PreDet specific
     g = parser.add_argument_group("PreDet")
@@ -558,6 +558,8 @@ def main(args):
     total = args.iters or args.epochs * iters_per_epoch
     lr_steps = [round(total * k / 5) for k in range(1, 5)]
     max_iters = min(total, args.max_iters or total)
+    # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
+    args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 1000, total)
     print(f"schedule: {total} iterations ({iters_per_epoch}/epoch, {global_views} views), lr {base_lr:g} "
           f"x0.1 at {lr_steps}, warmup {args.warmup_iters}")
     run = Run(args, method="predet", device=device, iters_per_epoch=iters_per_epoch, max_iters=max_iters,

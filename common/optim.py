@@ -36,6 +36,29 @@ def schedule_1x(iters, epochs, lr_steps, iters_per_epoch):
     return epochs * iters_per_epoch, [s * iters_per_epoch for s in lr_steps]
 
 
+WARMUP_SHARE = 0.1  # a default warm-up takes at most this share of the run's iterations
+
+
+def warmup_help(default):
+    """--warmup-iters' help: the recipe's default and its cap ('%%': argparse %-formats help texts)."""
+    return (f"default {default}, at most {WARMUP_SHARE:.0%}% of the run's iterations (a short run reaches its lr); "
+            "a value given is used as it is")
+
+
+def warmup_iters(given, default, total_iters):
+    """The warm-up length: --warmup-iters as given; else the recipe's ``default``, capped at WARMUP_SHARE of the
+    run's ``total_iters`` (the schedule's length, not --max-iters) and the cap printed: a short run (e.g.
+    --iters 10 under a 500-iteration default) would otherwise end inside its warm-up."""
+    if given is not None:
+        return given
+    cap = int(WARMUP_SHARE * total_iters)
+    if default <= cap:
+        return default
+    print(f"warm-up: {cap} iterations, {WARMUP_SHARE:.0%} of the run's {total_iters} (the recipe's {default} is "
+          f"capped there; --warmup-iters N sets it)")
+    return cap
+
+
 def set_lr(optimizer, lr):
     """Writes ``lr`` into every parameter group, times the group's 'lr_mult' (``param_groups``); returns lr."""
     for group in optimizer.param_groups:

@@ -316,6 +316,21 @@ def test_main_pretrains_from_random_init_with_the_papers_optimizer_lr_and_length
     assert tuple(img.shape) == (3, 448, 448) and ("masks" in target) == (detector == "maskrcnn")
 
 
+def test_a_short_run_warms_up_over_a_tenth_of_it_unless_told(shapes, tmp_path, monkeypatch, capsys):
+    """--iters 30 under the paper's 500-iteration warm-up: 3 iterations (10% of the run), printed; a
+    --warmup-iters given is used as it is."""
+    lr = 0.08 * 2 / 64
+    for flags, warmup in (([], 3), (["--warmup-iters", 20], 20)):
+        seen = capture_main([*shapes, "--detector", "fasterrcnn", "--backbone", "resnet18", "--iters", 30,
+                             "--batch-size", 2, "--workers", 0, "--device", "cpu", "--no-tb",
+                             "--output-dir", tmp_path / str(warmup), *flags], range, monkeypatch)
+        assert seen["lrs"] == pytest.approx({it: lr * (0.01 + 0.99 * it / warmup) if it < warmup else lr
+                                             for it in range(30)}, rel=1e-9), warmup
+        printed = capsys.readouterr().out
+        assert ("warm-up: 3 iterations, 10% of the run's 30 (the recipe's 500 is capped there; --warmup-iters N "
+                "sets it)" in printed) == (warmup == 3)
+
+
 def test_resume_continues_with_identical_losses_and_fixed_lr(shapes, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     run_script("direct.py", *PRE, *shapes, "--max-iters", "5", "--output-dir", full)

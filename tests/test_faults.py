@@ -115,7 +115,12 @@ def test_kill_and_preemption_then_resume_reproduce_the_uninterrupted_run(script,
         assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
         assert f"the trained weights are in {final}" in err and "--resume auto" in err, err[-3000:]
         assert not os.path.exists(os.path.join(cut, "results.json"))
-    run_script(script, *flags, "--max-iters", ITERS, "--output-dir", cut, "--resume", "auto")
+    # the run's lr and warm-up, given or the script's (lr scaled to the batch), are in its checkpoints; given
+    # again to the resume, they are no change
+    used = checkpoint.load(os.path.join(cut, "checkpoint_last.pth"), kind="train_state")["args"]
+    assert isinstance(used["lr"], float) and isinstance(used["warmup_iters"], int), used
+    run_script(script, *flags, "--max-iters", ITERS, "--output-dir", cut, "--resume", "auto", "--lr", repr(used["lr"]),
+               "--warmup-iters", used["warmup_iters"])
     a, b = iteration_losses(full), iteration_losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, ITERS + 1))
     for it in a:

@@ -375,6 +375,13 @@ def test_cpu_examples_fit_a_two_core_machine(module):
     assert args.device == "cpu" and args.workers <= 2, flags
 
 
+def test_every_script_states_the_warm_up_cap_in_its_help():
+    for name in ("finetune", "direct", "montage", "predet", "alignDet"):
+        text = re.sub(r"\s+", " ", PARSERS[name].format_help())
+        assert "at most 10% of the run's iterations (a short run reaches its lr); a value given is used as it " \
+               "is" in text, name
+
+
 def test_predet_switch_help_reads_as_a_sentence():
     parser = predet.get_args_parser()
     helps = {a.option_strings[0]: a.help for a in parser._actions if a.option_strings
