@@ -87,3 +87,17 @@ def iteration_losses(output_dir, key="loss"):
 def pytest_configure(config):
     # pycocotools' C extension trips a numpy 2 deprecation warning on every mask decode
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
+    config.addinivalue_line("markers", "gpu: the GPU set (tests/test_gpu.py): runs with pytest -m gpu tests where "
+                                       "CUDA is visible, is skipped otherwise")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The GPU set runs only when asked for (-m gpu) and where CUDA is visible: make test stays the CPU suite
+    also on a machine with GPUs."""
+    import torch
+    asked = "gpu" in (config.getoption("markexpr") or "")
+    reason = None if asked and torch.cuda.is_available() else \
+        "no CUDA device visible" if asked else "the GPU set: pytest -m gpu tests"
+    for item in items:
+        if reason and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

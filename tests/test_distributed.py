@@ -188,7 +188,12 @@ def aligndet_inputs(shapes, tmp_path_factory):
 
 @pytest.mark.parametrize("script", sorted(DETECTION_SCRIPTS))
 def test_two_processes_take_the_mean_of_their_ranks_steps(script, shapes, tmp_path, request):
-    flags = [*DETECTION_SCRIPTS[script], *STEP, *shapes, "--output-dir", str(tmp_path / "{run}")]
+    check_two_processes_take_the_mean_of_their_ranks_steps(script, [], shapes, tmp_path, request)
+
+
+def check_two_processes_take_the_mean_of_their_ranks_steps(script, device_flags, shapes, tmp_path, request):
+    """The 2-process run (gloo on the CPU; NCCL with ``device_flags`` --device cuda) against its played ranks."""
+    flags = [*DETECTION_SCRIPTS[script], *STEP, *device_flags, *shapes, "--output-dir", str(tmp_path / "{run}")]
     if script == "alignDet.py":
         flags += request.getfixturevalue("aligndet_inputs")
     solo_only = ["--solo-args=--no-eval"] if script == "finetune.py" else []  # the 2-process run evaluates
