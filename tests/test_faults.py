@@ -1,6 +1,8 @@
 """The fault matrix: preemption (SIGTERM, to the whole process group as schedulers send it), crashes (SIGKILL),
 non-finite losses and failing ranks, for every training script; stop signals during an evaluation or
-Montage's ERF pass, on one process and on two ranks. Each case asserts the exact behaviour the README promises."""
+Montage's ERF pass, on one process and on two ranks; a read-only or full disk, a kill before the first
+checkpoint, the means logged after a mid-epoch resume. Each case asserts the exact behaviour the README
+promises."""
 import builtins
 import collections
 import contextlib
