@@ -4,6 +4,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -13,8 +14,12 @@ from conftest import ROOT, iteration_losses
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 
 
+# the venv of the interpreter running the tests (make test VENV=DIR tests DIR's torch, not ./.venv's)
+VENV = f"VENV={sys.prefix}"
+
+
 def make(*args, dry=True, **kw):
-    return subprocess.run(["make", *(["-n"] if dry else []), *args, "VENV=.venv"], cwd=ROOT, capture_output=True,
+    return subprocess.run(["make", *(["-n"] if dry else []), *args, VENV], cwd=ROOT, capture_output=True,
                           text=True, **kw)
 
 
@@ -78,7 +83,7 @@ def test_finished_stages_are_skipped_and_an_interrupted_one_resumes(shapes, tmp_
                "--batch-size 2 --iters 6 --warmup-iters 2 --workers 0 --print-freq 1 --no-tb --device cpu "
                + " ".join(shapes))
     target = f"{tmp_path}/demo/ft-scratch-s0/results.json"
-    proc = subprocess.Popen(["make", target, f"OUT={tmp_path}", f"DEMO_FT={tiny_ft}"], cwd=ROOT,
+    proc = subprocess.Popen(["make", target, f"OUT={tmp_path}", f"DEMO_FT={tiny_ft}", VENV], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     run_dir = os.path.dirname(target)
     deadline = time.time() + 300
