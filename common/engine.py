@@ -22,7 +22,7 @@ from tqdm import tqdm
 from common import checkpoint, dist
 from common.cli import UserError
 from common.loader import skipped_images
-from common.metrics import FlopCounter, Meter, RunLog, peak_memory_mb, read_jsonl
+from common.metrics import FlopCounter, Meter, RunLog, WallClock, peak_memory_mb, read_jsonl
 from common.rundir import resume_changes
 
 
@@ -33,6 +33,11 @@ def amp_dtype(args, device):
     if args.amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+# The first n/5 iterations a process runs, at most this many, are its warm-up (CUDA and cuDNN set-up, the
+# FLOP-counted iteration, the loader's workers starting): the logged samples_per_s leaves them out.
+SPEED_WARMUP_ITERS = 10
 
 
 class Stopped(SystemExit):
@@ -62,7 +67,7 @@ class Run:
         self.iteration = self.start_iter = 0
         self.elapsed_before, self.skipped_steps = 0.0, 0
         self.meter, self.epoch_meter = Meter(), Meter()
-        self.data_time = self.compute_time = 0.0
+        self.clock = WallClock()  # the logged throughput: wall clock after the warm-up (common.metrics)
         self.stop_signal, self.lr = None, 0.0
         self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
         self.flops_per_iter = None  # training FLOPs of one iteration on one rank, counted once (train_flops)
@@ -89,29 +94,33 @@ class Run:
         bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30, desc=self.method)
         it = self.start_iter
+        warmup_end = it + min(SPEED_WARMUP_ITERS, (self.max_iters - it) // 5)
+        if warmup_end == it:
+            self.clock.open(it)
         while it < self.max_iters:
             epoch, skip = divmod(it, self.iters_per_epoch)
             sampler.set_epoch(epoch, skip)
             t = time.perf_counter()
             for batch in loader:
-                t_data = time.perf_counter()
-                self.data_time += t_data - t
+                self.clock.seconds["data_wait"] += time.perf_counter() - t
                 count = self.flops_per_iter is None and not self.uncounted(it)
                 with FlopCounter() if count else contextlib.nullcontext() as counter:
                     yield it, batch
                 if count:
                     self.flops_per_iter = counter.total
                 it = self.iteration = it + 1
-                self.compute_time += time.perf_counter() - t_data
+                if it == warmup_end:
+                    self.clock.open(it)
                 bar.update(1)
                 self._after_iteration(it, bar)
                 if it % self.iters_per_epoch == 0 or it == self.max_iters:
                     self.skipped_images = skipped_images(loader)
-                    record = {"epoch": epoch, "iteration": it, **self.epoch_summary(self.epoch_meter.means()),
-                              "skipped_images": self.skipped_images}
+                    losses, evaluated = self.epoch_meter.means(), {}
                     if on_epoch_end is not None:
-                        record.update(on_epoch_end(epoch) or {})
-                    self.log.jsonl(record)
+                        with self.clock.timing("eval"):
+                            evaluated = on_epoch_end(epoch) or {}
+                    self.log.jsonl({"epoch": epoch, "iteration": it, **self.epoch_summary(losses),
+                                    "skipped_images": self.skipped_images, **evaluated})
                     self.save()
                 if it >= self.max_iters:
                     break
@@ -236,10 +245,11 @@ class Run:
                 "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
 
     def save(self, periodic=False):
-        state = self.state()
-        if dist.is_main_process():
-            self.ckpt.save(state, periodic)
-        dist.barrier()
+        with self.clock.timing("checkpoint"):
+            state = self.state()
+            if dist.is_main_process():
+                self.ckpt.save(state, periodic)
+            dist.barrier()
 
     def resume(self):
         """--resume: continues the run from its newest checkpoint (--resume auto) or the one given: loads what
@@ -277,12 +287,15 @@ class Run:
 
     # ---- summaries ----
     def epoch_summary(self, losses):
-        measured = self.data_time + self.compute_time
-        return {**{f"train_{k}": round(v, 5) for k, v in losses.items()}, "lr": self.lr,
-                "samples_per_s": round(self.samples_per_iter * (self.iteration - self.start_iter)
-                                       / max(measured, 1e-9), 2),
-                "data_time_share": round(self.data_time / max(measured, 1e-9), 4),
+        """An epoch record's figures: the epoch's mean losses, the lr, and this process' throughput so far (wall
+        clock over speed_window, after the warm-up; common.metrics.WallClock), with the seconds of it spent
+        waiting for data, writing checkpoints and evaluating."""
+        return {**{f"train_{k}": round(v, 5) for k, v in losses.items()}, "lr": self.lr, **self.speed(),
                 "peak_mem_mb": round(peak_memory_mb(self.device)), "skipped_steps": self.skipped_steps}
+
+    def speed(self):
+        """This process' wall-clock throughput after its warm-up (common.metrics.WallClock)."""
+        return self.clock.summary(self.iteration, self.samples_per_iter)
 
     def train_flops(self):
         """Training FLOPs of the whole run, all ranks: one iteration's convolutions and matrix products,
@@ -302,6 +315,7 @@ class Run:
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "device_hours": round(wall * world / 3600, 5), "train_flops": self.train_flops(),
+                "train_speed": self.speed(),
                 "losses_first": _loss_window(logged[0]) if logged else None,
                 "losses_last": _loss_window(logged[-1]) if logged else None, "skipped_images": self.skipped_images}
 

@@ -1,6 +1,8 @@
-"""The speed paths (AMP, channels_last) compute the same thing as fp32, and the benchmark emits every figure."""
+"""The speed paths (AMP, channels_last) compute the same thing as fp32, the logged throughput is wall clock, and
+the benchmark emits every figure."""
 import argparse
 import json
+import time
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from common.detectors import build_detector
 from common.loader import collate_detection
 from common.transforms import to_float_batch, train_augment, train_resize
 from conftest import run_script
+from test_checkpoint import own_signal_handlers, run_args, sgd_step, tiny_run  # noqa: F401 (a fixture)
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,20 @@ def test_bench_emits_every_figure(tmp_path):
     assert train["samples_per_s"] > 0 and train["peak_mem_mb"] > 0 and 0 <= train["data_time_share"] < 1
     assert rows["loader direct 448 (+masks)"]["items_per_s_per_worker"] > 0
     assert rows["loader montage 224 from the sample cache"]["items_per_s_per_worker"] > 0
+
+
+def test_logged_throughput_is_wall_clock_after_the_warm_up(tmp_path, own_signal_handlers):
+    """samples_per_s = samples x iterations / wall seconds over the stated window (the first 20 / 5 = 4
+    iterations, the warm-up, left out), evaluations between epochs and checkpoints included and reported apart."""
+    run, loader = tiny_run(run_args(tmp_path, ckpt_every=5), max_iters=20)  # 6 iterations per epoch
+    for it, x in run.batches(loader, on_epoch_end=lambda epoch: time.sleep(0.2)):  # an "evaluation"
+        time.sleep(0.01)
+        sgd_step(run, (run.model(x) ** 2).mean())
+    records = [json.loads(line) for line in open(tmp_path / "log.txt") if '"epoch"' in line]
+    assert [r["speed_window"] for r in records] == [[4, 6], [4, 12], [4, 18], [4, 20]]
+    last = records[-1]
+    assert last["eval_s"] >= 4 * 0.2 and last["checkpoint_s"] > 0  # epoch ends 6, 12, 18, 20; saves 5, 10, 15
+    assert last["wall_s"] >= 16 * 0.01 + last["eval_s"] + last["checkpoint_s"] + last["data_wait_s"]
+    assert last["samples_per_s"] == pytest.approx(2 * 16 / last["wall_s"], rel=1e-3)
+    assert last["data_time_share"] == pytest.approx(last["data_wait_s"] / last["wall_s"], abs=1e-3)
+    assert run.compute_meta()["train_speed"]["speed_window"] == [4, 20]
