@@ -3,12 +3,13 @@ script (see any of them: ``run = Run(...)``, ``run.checkpoints_hold(model, optim
 ``if args.resume: run.resume()``, then ``for it, batch in run.batches(loader):`` ... ``run.finite(loss,
 losses)``, backward and step ... ``run.log_losses(...)``, and ``run.finish(...)``).
 
-``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically at epoch ends, every --ckpt-every
-iterations and on a stop; exact resume (what ``checkpoints_hold`` names, the iteration, every rank's RNG and,
-through ``common.loader``, the data order), refused when a flag that changes the run differs
-(``common.rundir``); log.txt (one record per iteration, also across resumes) and TensorBoard on rank 0; the
-finiteness check of each step, agreed over ranks; and a clean stop on SIGTERM/SIGINT (a checkpoint at the next
-iteration boundary or ``stop_point``, exit status 128 + signal). Detection evaluation: common.coco_eval.
+``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically every --ckpt-every iterations, at the
+last iteration and on a stop (not at epoch ends: on a small set an epoch is a few iterations); exact resume
+(what ``checkpoints_hold`` names, the iteration, every rank's RNG and, through ``common.loader``, the data
+order), refused when a flag that changes the run differs (``common.rundir``); log.txt (one record per
+iteration, also across resumes) and TensorBoard on rank 0; the finiteness check of each step, agreed over ranks;
+and a clean stop on SIGTERM/SIGINT (a checkpoint at the next iteration boundary or ``stop_point``, exit status
+128 + signal). Detection evaluation: common.coco_eval.
 """
 import contextlib
 import os
@@ -87,8 +88,9 @@ class Run:
     def batches(self, loader, on_epoch_end=None):
         """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs.
 
-        After each loop body it logs, checkpoints and honours a stop signal. ``on_epoch_end(epoch)`` may
-        return a dict of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
+        After each loop body it logs and honours a stop signal, at an epoch's end writes its record, then
+        checkpoints every --ckpt-every iterations and at the last. ``on_epoch_end(epoch)`` may return a dict
+        of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
         sampler = loader.batch_sampler
         main = dist.is_main_process()
         bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
@@ -121,7 +123,8 @@ class Run:
                             evaluated = on_epoch_end(epoch) or {}
                     self.log.jsonl({"epoch": epoch, "iteration": it, **self.epoch_summary(losses),
                                     "skipped_images": self.skipped_images, **evaluated})
-                    self.save()
+                if it == self.max_iters or (self.args.ckpt_every and it % self.args.ckpt_every == 0):
+                    self.save(periodic=it < self.max_iters)
                 if it >= self.max_iters:
                     break
                 t = time.perf_counter()
@@ -174,8 +177,6 @@ class Run:
                                 + f" lr={self.lr:.3g}", refresh=False)
         if dist.get_world_size() == 1 or log_now:  # under torchrun the ranks agree every --print-freq iterations
             self.stop_point()
-        if args.ckpt_every and it % args.ckpt_every == 0 and it < self.max_iters:
-            self.save(periodic=True)
 
     # ---- stopping ----
     def stop_point(self):

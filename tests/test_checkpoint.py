@@ -296,6 +296,31 @@ def test_a_stop_point_inside_an_iteration_checkpoints_it_and_the_resumed_run_is_
     assert [resumed[it] for it in resumed] == [full[it] for it in resumed]  # bit-identical
 
 
+def test_checkpoints_come_every_ckpt_every_iterations_and_at_the_last_not_at_epoch_ends(tmp_path,
+                                                                                        own_signal_handlers):
+    """Epochs of 6 iterations, --ckpt-every 4: checkpoints at 4, 8, 12 and the last iteration, 14. A run killed
+    in iteration 7 (after the epoch end at 6) resumes from 4 and reproduces the uninterrupted run."""
+    def recording_saves(run):
+        saved, save = [], run.ckpt.save
+        run.ckpt.save = lambda state, periodic=False: (saved.append((state["iteration"], periodic)),
+                                                       save(state, periodic))
+        return saved
+
+    full = train(*tiny_run(run_args(tmp_path / "full"), max_iters=14))
+    run, loader = tiny_run(run_args(tmp_path / "cut", ckpt_every=4), max_iters=14)
+    saved = recording_saves(run)
+    for it, x in run.batches(loader):
+        if it == 7:
+            break
+        sgd_step(run, ((run.model(x + torch.randn(3)) - 1) ** 2).mean(), run.args.lr)
+    assert saved == [(4, True)]
+    run, loader = tiny_run(run_args(tmp_path / "cut", resume="auto", ckpt_every=4), max_iters=14)
+    saved = recording_saves(run)
+    resumed = train(run, loader)
+    assert sorted(resumed) == list(range(4, 14)) and [resumed[it] for it in resumed] == [full[it] for it in resumed]
+    assert saved == [(8, True), (12, True), (14, False)]
+
+
 def test_resume_refuses_flags_that_change_the_run_and_records_harmless_ones(tmp_path, capsys, own_signal_handlers):
     out = tmp_path / "run"
     train(*tiny_run(run_args(out), max_iters=4))
