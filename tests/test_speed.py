@@ -9,7 +9,8 @@ import torch
 
 from common import coco_eval, engine, synthetic
 from common.coco import CocoDetection
-from common.detectors import build_detector
+from common.cli import UserError
+from common.detectors import PresizedTransform, build_detector, pad_multiple_for
 from common.loader import collate_detection
 from common.transforms import to_float_batch, train_augment, train_resize
 from conftest import run_script
@@ -45,6 +46,57 @@ def test_bf16_autocast_and_channels_last_match_fp32(batch):
     cl = _losses(model, images, targets)  # the model's transform batches them; convs run channels-last
     for key in fp32:
         assert cl[key] == pytest.approx(fp32[key], rel=1e-3, abs=1e-5), (key, fp32, cl)
+
+
+def test_canvas_sides_are_multiples_of_pad_multiple_capped_at_the_preset():
+    at_1333 = PresizedTransform(pad_multiple=160, max_side=1333)
+    assert at_1333.canvas_size([(800, 1067), (800, 1000)]) == (800, 1120)  # COCO's 4:3 at short side 800
+    assert at_1333.canvas_size([(800, 1333)]) == (800, 1344)  # the cap rounded up to 32 (not 1440)
+    assert at_1333.canvas_size([(672, 896), (640, 1100)]) == (800, 1120)  # multiscale views: 640 or 800 high
+    assert at_1333.canvas_size([(800, 1400)]) == (800, 1408)  # past the cap: still a multiple of 32
+    assert PresizedTransform(pad_multiple=32, max_side=1333).canvas_size([(800, 1067)]) == (800, 1088)
+    assert PresizedTransform().canvas_size([(100, 150)]) == (128, 160)  # torchvision's padding
+
+
+def test_pad_multiple_is_torchvisions_on_the_cpu_by_default_and_a_multiple_of_32():
+    import finetune
+    args = finetune.get_args_parser().parse_args([])
+    assert pad_multiple_for(args, torch.device("cpu")) == 32  # the CPU runs' numbers stay as they were
+    assert pad_multiple_for(args, torch.device("cuda")) == 160
+    args.pad_multiple = 96
+    assert pad_multiple_for(args, torch.device("cpu")) == 96
+    args.pad_multiple = 100
+    with pytest.raises(UserError, match="--pad-multiple 100: expected a multiple of 32"):
+        pad_multiple_for(args, torch.device("cuda"))
+
+
+def test_canvas_padding_leaves_the_losses_unchanged_where_it_adds_no_pixels():
+    """pad_multiple 160 against torchvision's 32, same weights, same sampler draws: identical losses for a batch
+    whose largest image already has canvas sides (160 x 320). A smaller batch gets more zero padding, its images
+    and their sizes unchanged; the anchors over the padding are negatives, so the RPN's loss changes."""
+    torch.manual_seed(0)
+    model = build_detector("fasterrcnn", 3, "resnet18", "frozen", box_head="2fc", rpn_batch_size_per_image=32,
+                           box_batch_size_per_image=32)
+    model.train()
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 90.0, 70.0]]), "labels": torch.tensor([1])}] * 2
+
+    def batch_and_losses(images, pad_multiple):
+        model.transform.pad_multiple = pad_multiple
+        batch, _ = model.transform(images, [dict(t) for t in targets])
+        return batch, _losses(model, images, targets)
+
+    filled = [torch.rand(3, 160, 320), torch.rand(3, 144, 300)]
+    (batch32, losses32), (batch160, losses160) = batch_and_losses(filled, 32), batch_and_losses(filled, 160)
+    assert batch160.tensors.shape == batch32.tensors.shape == (2, 3, 160, 320)
+    assert losses160 == losses32  # bit-identical
+
+    small = [torch.rand(3, 128, 192), torch.rand(3, 128, 170)]
+    (batch32, losses32), (batch160, losses160) = batch_and_losses(small, 32), batch_and_losses(small, 160)
+    assert batch32.tensors.shape[-2:] == (128, 192) and batch160.tensors.shape[-2:] == (160, 320)
+    assert batch160.image_sizes == batch32.image_sizes == [(128, 192), (128, 170)]
+    assert torch.equal(batch160.tensors[..., :128, :192], batch32.tensors)
+    assert not batch160.tensors[..., 128:, :].any() and not batch160.tensors[..., 192:].any()
+    assert losses160["loss_objectness"] != losses32["loss_objectness"]
 
 
 def test_bench_emits_every_figure(tmp_path):
