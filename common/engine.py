@@ -27,6 +27,11 @@ from common.metrics import FlopCounter, Meter, RunLog, WallClock, peak_memory_mb
 from common.rundir import resume_changes
 
 
+def set_cudnn_benchmark(args, device):
+    """--cudnn-benchmark, on CUDA only (off by default, as in torch)."""
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and device.type == "cuda"
+
+
 def amp_dtype(args, device):
     """bf16 where the GPU supports it, else fp16 (with a GradScaler); off on the CPU unless asked."""
     if args.amp == "off" or (args.amp == "auto" and device.type != "cuda"):
@@ -63,6 +68,7 @@ class Run:
         self.samples_per_iter = samples_per_iter * dist.get_world_size()
         self.model, self.optimizer, self.scaler, self.extra = None, None, None, {}
         self.amp = amp_dtype(args, device)
+        set_cudnn_benchmark(args, device)
         self.ckpt = checkpoint.Checkpointer(args.output_dir, args.keep_ckpts)
         self.log = RunLog(args.output_dir, args.tensorboard)
         self.iteration = self.start_iter = 0
