@@ -102,17 +102,24 @@ def test_canvas_padding_leaves_the_losses_unchanged_where_it_adds_no_pixels():
 def test_bench_emits_every_figure(tmp_path):
     synthetic.generate(str(tmp_path / "cache" / "shapes"), num_train=24, num_val=8, seed=3)
     run_script("tests.bench", "--device", "cpu", "--data-cache", tmp_path / "cache", "--out", tmp_path / "bench",
-               "--only", "finetune fasterrcnn cpu,loader direct,loader montage,COCO eval")
+               "--only", "montage cpu,shapes finetune,loader direct,loader montage,COCO eval")
     rows = {r["name"]: r for r in json.load(open(tmp_path / "bench" / "bench.json"))["rows"]}
     backends = ("pycocotools", "faster") if coco_eval.faster_coco_eval_available() else ("pycocotools",)
     evals = {f"COCO eval {t}, {b} (100 dets/image)" for b in backends for t in ("bbox", "segm")}
-    assert set(rows) == {"finetune fasterrcnn cpu", "loader direct 448 (+masks)",
+    assert set(rows) == {"montage cpu", "shapes finetune 1333x800 x4", "loader direct 448 (+masks)",
                          "loader montage 224 from the sample cache"} | evals
     assert all(rows[name]["eval_s_per_1000_images"] > 0 for name in evals)
-    train = rows["finetune fasterrcnn cpu"]
+    train = rows["montage cpu"]  # its run, then its limit: the same loop body on one batch
     assert train["samples_per_s"] > 0 and train["peak_mem_mb"] > 0 and 0 <= train["data_time_share"] < 1
+    assert train["speed_window"] == [1, 5]  # 5 iterations, the first one the warm-up
+    assert train["limit_samples_per_s"] > 0
+    assert train["vs_limit"] == round(train["samples_per_s"] / train["limit_samples_per_s"], 2)
+    assert train["shapes_per_100_it"] == train["shapes_per_100_it_pad32"] == 1  # 96-px montages only
+    shapes = rows["shapes finetune 1333x800 x4"]  # images of 96-224 px at short side 800: many aspect ratios
+    assert 1 <= shapes["shapes_per_100_it"] < shapes["shapes_per_100_it_pad32"]
     assert rows["loader direct 448 (+masks)"]["items_per_s_per_worker"] > 0
     assert rows["loader montage 224 from the sample cache"]["items_per_s_per_worker"] > 0
+    assert "| montage cpu | " in open(tmp_path / "bench" / "bench.md").read()
 
 
 def test_logged_throughput_is_wall_clock_after_the_warm_up(tmp_path, own_signal_handlers):
