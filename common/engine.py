@@ -92,7 +92,8 @@ class Run:
 
     # ---- loop ----
     def batches(self, loader, on_epoch_end=None):
-        """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs.
+        """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs, from one pass of the
+        loader.
 
         After each loop body it logs and honours a stop signal, at an epoch's end writes its record, then
         checkpoints every --ckpt-every iterations and at the last. ``on_epoch_end(epoch)`` may return a dict
@@ -105,12 +106,13 @@ class Run:
         warmup_end = it + min(SPEED_WARMUP_ITERS, (self.max_iters - it) // 5)
         if warmup_end == it:
             self.clock.open(it)
-        while it < self.max_iters:
+        if it < self.max_iters:  # one pass over every epoch left: the workers keep loading across epoch ends
             epoch, skip = divmod(it, self.iters_per_epoch)
-            sampler.set_epoch(epoch, skip)
+            sampler.set_epoch(epoch, skip, epochs=-(-self.max_iters // self.iters_per_epoch) - epoch)
             t = time.perf_counter()
             for batch in loader:
                 self.clock.seconds["data_wait"] += time.perf_counter() - t
+                epoch = it // self.iters_per_epoch
                 count = self.flops_per_iter is None and not self.uncounted(it)
                 with FlopCounter() if count else contextlib.nullcontext() as counter:
                     yield it, batch

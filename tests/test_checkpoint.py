@@ -321,6 +321,25 @@ def test_checkpoints_come_every_ckpt_every_iterations_and_at_the_last_not_at_epo
     assert saved == [(8, True), (12, True), (14, False)]
 
 
+def test_a_run_reads_the_epochs_left_in_one_loader_pass_with_the_batches_of_one_pass_per_epoch(
+        tmp_path, monkeypatch, own_signal_handlers):
+    """One DataLoader pass over several epochs keeps the workers loading across epoch ends; its batches are those
+    of a pass per epoch, from a mid-epoch position on (a resume)."""
+    sampler = data_loader.TrainBatchSampler(13, 2, seed=5)  # 6 batches per epoch
+
+    def epoch(e, skip=0):
+        sampler.set_epoch(e, skip)
+        return list(sampler)
+
+    expected = epoch(1, 4) + epoch(2) + epoch(3)
+    sampler.set_epoch(1, 4, epochs=3)
+    assert len(sampler) == len(expected) == 14 and list(sampler) == expected
+    run, loader = tiny_run(run_args(tmp_path), max_iters=14)  # epochs of 6 iterations
+    passes, pass_over = [], type(loader).__iter__
+    monkeypatch.setattr(type(loader), "__iter__", lambda self: passes.append(len(self)) or pass_over(self))
+    assert sorted(train(run, loader)) == list(range(14)) and passes == [18]  # 3 epochs, the last one cut at 14
+
+
 def test_resume_refuses_flags_that_change_the_run_and_records_harmless_ones(tmp_path, capsys, own_signal_handlers):
     out = tmp_path / "run"
     train(*tiny_run(run_args(out), max_iters=4))
