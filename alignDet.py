@@ -57,7 +57,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from common import checkpoint, cli, dist, proposals
 from common.coco import CocoDetection, resolve_data
-from common.detectors import FINAL_LAYERS, add_detector_args, build_detector, check_detector_args, detector_kwargs
+from common.detectors import (FINAL_LAYERS, add_detector_args, add_pad_multiple_arg, build_detector,
+                              check_detector_args, detector_kwargs, pad_multiple_for)
 from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_train_loader
 from common.optim import LR_1X, lr_at, param_groups, scaled_lr, schedule_1x, set_lr, warmup_help, warmup_iters
@@ -89,6 +90,7 @@ def get_args_parser(add_help=True):
                    help="train this many iterations instead of epochs; lr steps at 8/12 and 11/12 of them")
     g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(500))
     g.add_argument("--preset", default="multiscale", choices=sorted(PRESETS), help="view sizes (transforms.py)")
+    add_pad_multiple_arg(g)
     # aligndet specific
     g = parser.add_argument_group("aligndet specific")
     g.add_argument("--backbone-weights", default="imagenet",
@@ -432,13 +434,15 @@ def backbone_meta(weights):
     return checkpoint.load(weights, kind="final")["meta"] if weights not in ("imagenet", "scratch") else {}
 
 
-def build_box_domain_model(args):
-    """The detector with AlignDet's projectors in place of its classifiers, and its backbone loaded, frozen."""
+def build_box_domain_model(args, pad_multiple=32):
+    """The detector with AlignDet's projectors in place of its classifiers, and its backbone loaded, frozen; it
+    batches views on the canvases of ``pad_multiple`` (common.detectors.PresizedTransform)."""
     rcnn = args.detector in ("fasterrcnn", "maskrcnn")
     kwargs = dict(detector_kwargs(args), **({"rpn_positive_fraction": 1.0} if rcnn else {}))
     detector = build_detector("fasterrcnn" if rcnn else args.detector, args.align_num_ids - 1, args.backbone,
                               "frozen", args.box_head, trainable_layers=0,
-                              imagenet=args.backbone_weights == "imagenet", **kwargs)
+                              imagenet=args.backbone_weights == "imagenet", pad_multiple=pad_multiple,
+                              max_side=PRESETS[args.preset][1], **kwargs)
     if args.backbone_weights not in ("imagenet", "scratch"):
         checkpoint.load_pretrained(detector, args.backbone_weights, parts={"backbone"})
     d = args.align_dim
@@ -476,7 +480,7 @@ def main(args):
                                 group_ids=aspect_groups(images))
 
     # model: online detector (+ DDP), EMA teacher
-    online = build_box_domain_model(args).to(device)
+    online = build_box_domain_model(args, pad_multiple_for(args, device)).to(device)
     model = dist.data_parallel(online, device)
     teacher = EmaTeacher(online)  # after DDP has broadcast rank 0's weights: every rank's teacher starts equal
 

@@ -36,7 +36,8 @@ import torch
 
 from common import checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
-from common.detectors import add_detector_args, build_detector_from_args, check_detector_args
+from common.detectors import (add_detector_args, add_pad_multiple_arg, build_detector_from_args, check_detector_args,
+                              pad_multiple_for)
 from common.coco_eval import evaluate
 from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_eval_loader, build_train_loader
@@ -81,6 +82,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(500))
     g.add_argument("--preset", default=None, choices=sorted(PRESETS),
                    help="image-size preset (transforms.py; default: the recipe's, 800 = single-scale 1333x800)")
+    add_pad_multiple_arg(g)
     g.add_argument("--keep-empty-images", action="store_true", help="train on images without boxes too")
     g.add_argument("--eval-only", action="store_true", help="evaluate --init or --resume, no training")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N epochs (0: at the end only)")
@@ -201,7 +203,8 @@ def main(args):
     val_loader = build_eval_loader(val_set, args.eval_batch_size, args.workers, device)
 
     # model
-    model = build_detector_from_args(args, train_set.num_classes, imagenet=args.init == "imagenet")
+    model = build_detector_from_args(args, train_set.num_classes, imagenet=args.init == "imagenet",
+                                     pad_multiple=pad_multiple_for(args, device), max_side=PRESETS[args.preset][1])
     if args.init not in ("scratch", "imagenet"):
         checkpoint.load_pretrained(model, args.init, allow_partial=args.init_partial)
     model.to(device)

@@ -69,9 +69,15 @@ def base_parser():
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="mixed precision: auto = bf16 on GPUs that support it, else fp16; off on CPU")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format for the model")
+    g.add_argument("--cudnn-benchmark", action="store_true", default=None,
+                   help="on CUDA, let cuDNN time its algorithms for every new input shape of a convolution and keep "
+                        "the fastest (torch.backends.cudnn.benchmark); pays when shapes repeat (--pad-multiple)")
     g.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (smoke runs)")
     g.add_argument("--print-freq", type=int, default=20, help="iterations between log lines")
-    g.add_argument("--ckpt-every", type=int, default=1000, help="iterations between periodic checkpoints")
+    g.add_argument("--ckpt-every", type=int, default=1000,
+                   help="iterations between checkpoints (checkpoint_last.pth, and checkpoint_<iteration>.pth of "
+                        "which --keep-ckpts stay); one is also written at the last iteration and on a stop signal, "
+                        "none at epoch ends; 0 = only those")
     g.add_argument("--keep-ckpts", type=int, default=2, help="periodic checkpoints to keep (checkpoint_last is extra)")
     g.add_argument("--skip-nonfinite", type=int, default=0,
                    help="tolerate up to N steps with a non-finite loss (skipped and counted); 0 = stop at the first")

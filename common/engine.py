@@ -3,12 +3,13 @@ script (see any of them: ``run = Run(...)``, ``run.checkpoints_hold(model, optim
 ``if args.resume: run.resume()``, then ``for it, batch in run.batches(loader):`` ... ``run.finite(loss,
 losses)``, backward and step ... ``run.log_losses(...)``, and ``run.finish(...)``).
 
-``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically at epoch ends, every --ckpt-every
-iterations and on a stop; exact resume (what ``checkpoints_hold`` names, the iteration, every rank's RNG and,
-through ``common.loader``, the data order), refused when a flag that changes the run differs
-(``common.rundir``); log.txt (one record per iteration, also across resumes) and TensorBoard on rank 0; the
-finiteness check of each step, agreed over ranks; and a clean stop on SIGTERM/SIGINT (a checkpoint at the next
-iteration boundary or ``stop_point``, exit status 128 + signal). Detection evaluation: common.coco_eval.
+``Run`` keeps checkpoint_last.pth (+ periodic ones) written atomically every --ckpt-every iterations, at the
+last iteration and on a stop (not at epoch ends: on a small set an epoch is a few iterations); exact resume
+(what ``checkpoints_hold`` names, the iteration, every rank's RNG and, through ``common.loader``, the data
+order), refused when a flag that changes the run differs (``common.rundir``); log.txt (one record per
+iteration, also across resumes) and TensorBoard on rank 0; the finiteness check of each step, agreed over ranks;
+and a clean stop on SIGTERM/SIGINT (a checkpoint at the next iteration boundary or ``stop_point``, exit status
+128 + signal). Detection evaluation: common.coco_eval.
 """
 import contextlib
 import os
@@ -22,8 +23,13 @@ from tqdm import tqdm
 from common import checkpoint, dist
 from common.cli import UserError
 from common.loader import skipped_images
-from common.metrics import FlopCounter, Meter, RunLog, peak_memory_mb, read_jsonl
+from common.metrics import FlopCounter, Meter, RunLog, WallClock, peak_memory_mb, read_jsonl
 from common.rundir import resume_changes
+
+
+def set_cudnn_benchmark(args, device):
+    """--cudnn-benchmark, on CUDA only (off by default, as in torch)."""
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and device.type == "cuda"
 
 
 def amp_dtype(args, device):
@@ -33,6 +39,11 @@ def amp_dtype(args, device):
     if args.amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+
+# The first n/5 iterations a process runs, at most this many, are its warm-up (CUDA and cuDNN set-up, the
+# FLOP-counted iteration, the loader's workers starting): the logged samples_per_s leaves them out.
+SPEED_WARMUP_ITERS = 10
 
 
 class Stopped(SystemExit):
@@ -57,12 +68,13 @@ class Run:
         self.samples_per_iter = samples_per_iter * dist.get_world_size()
         self.model, self.optimizer, self.scaler, self.extra = None, None, None, {}
         self.amp = amp_dtype(args, device)
+        set_cudnn_benchmark(args, device)
         self.ckpt = checkpoint.Checkpointer(args.output_dir, args.keep_ckpts)
         self.log = RunLog(args.output_dir, args.tensorboard)
         self.iteration = self.start_iter = 0
         self.elapsed_before, self.skipped_steps = 0.0, 0
         self.meter, self.epoch_meter = Meter(), Meter()
-        self.data_time = self.compute_time = 0.0
+        self.clock = WallClock()  # the logged throughput: wall clock after the warm-up (common.metrics)
         self.stop_signal, self.lr = None, 0.0
         self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
         self.flops_per_iter = None  # training FLOPs of one iteration on one rank, counted once (train_flops)
@@ -80,39 +92,47 @@ class Run:
 
     # ---- loop ----
     def batches(self, loader, on_epoch_end=None):
-        """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs.
+        """Yields (iteration, batch) from ``start_iter`` to ``max_iters``, across epochs, from one pass of the
+        loader.
 
-        After each loop body it logs, checkpoints and honours a stop signal. ``on_epoch_end(epoch)`` may
-        return a dict of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
+        After each loop body it logs and honours a stop signal, at an epoch's end writes its record, then
+        checkpoints every --ckpt-every iterations and at the last. ``on_epoch_end(epoch)`` may return a dict
+        of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
         sampler = loader.batch_sampler
         main = dist.is_main_process()
         bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
                    mininterval=1 if sys.stderr.isatty() else 30, desc=self.method)
         it = self.start_iter
-        while it < self.max_iters:
+        warmup_end = it + min(SPEED_WARMUP_ITERS, (self.max_iters - it) // 5)
+        if warmup_end == it:
+            self.clock.open(it)
+        if it < self.max_iters:  # one pass over every epoch left: the workers keep loading across epoch ends
             epoch, skip = divmod(it, self.iters_per_epoch)
-            sampler.set_epoch(epoch, skip)
+            sampler.set_epoch(epoch, skip, epochs=-(-self.max_iters // self.iters_per_epoch) - epoch)
             t = time.perf_counter()
             for batch in loader:
-                t_data = time.perf_counter()
-                self.data_time += t_data - t
+                self.clock.seconds["data_wait"] += time.perf_counter() - t
+                epoch = it // self.iters_per_epoch
                 count = self.flops_per_iter is None and not self.uncounted(it)
                 with FlopCounter() if count else contextlib.nullcontext() as counter:
                     yield it, batch
                 if count:
                     self.flops_per_iter = counter.total
                 it = self.iteration = it + 1
-                self.compute_time += time.perf_counter() - t_data
+                if it == warmup_end:
+                    self.clock.open(it)
                 bar.update(1)
                 self._after_iteration(it, bar)
                 if it % self.iters_per_epoch == 0 or it == self.max_iters:
                     self.skipped_images = skipped_images(loader)
-                    record = {"epoch": epoch, "iteration": it, **self.epoch_summary(self.epoch_meter.means()),
-                              "skipped_images": self.skipped_images}
+                    losses, evaluated = self.epoch_meter.means(), {}
                     if on_epoch_end is not None:
-                        record.update(on_epoch_end(epoch) or {})
-                    self.log.jsonl(record)
-                    self.save()
+                        with self.clock.timing("eval"):
+                            evaluated = on_epoch_end(epoch) or {}
+                    self.log.jsonl({"epoch": epoch, "iteration": it, **self.epoch_summary(losses),
+                                    "skipped_images": self.skipped_images, **evaluated})
+                if it == self.max_iters or (self.args.ckpt_every and it % self.args.ckpt_every == 0):
+                    self.save(periodic=it < self.max_iters)
                 if it >= self.max_iters:
                     break
                 t = time.perf_counter()
@@ -165,8 +185,6 @@ class Run:
                                 + f" lr={self.lr:.3g}", refresh=False)
         if dist.get_world_size() == 1 or log_now:  # under torchrun the ranks agree every --print-freq iterations
             self.stop_point()
-        if args.ckpt_every and it % args.ckpt_every == 0 and it < self.max_iters:
-            self.save(periodic=True)
 
     # ---- stopping ----
     def stop_point(self):
@@ -237,10 +255,11 @@ class Run:
                 "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
 
     def save(self, periodic=False):
-        state = self.state()
-        if dist.is_main_process():
-            self.ckpt.save(state, periodic)
-        dist.barrier()
+        with self.clock.timing("checkpoint"):
+            state = self.state()
+            if dist.is_main_process():
+                self.ckpt.save(state, periodic)
+            dist.barrier()
 
     def resume(self):
         """--resume: continues the run from its newest checkpoint (--resume auto) or the one given: loads what
@@ -282,12 +301,15 @@ class Run:
 
     # ---- summaries ----
     def epoch_summary(self, losses):
-        measured = self.data_time + self.compute_time
-        return {**{f"train_{k}": round(v, 5) for k, v in losses.items()}, "lr": self.lr,
-                "samples_per_s": round(self.samples_per_iter * (self.iteration - self.start_iter)
-                                       / max(measured, 1e-9), 2),
-                "data_time_share": round(self.data_time / max(measured, 1e-9), 4),
+        """An epoch record's figures: the epoch's mean losses, the lr, and this process' throughput so far (wall
+        clock over speed_window, after the warm-up; common.metrics.WallClock), with the seconds of it spent
+        waiting for data, writing checkpoints and evaluating."""
+        return {**{f"train_{k}": round(v, 5) for k, v in losses.items()}, "lr": self.lr, **self.speed(),
                 "peak_mem_mb": round(peak_memory_mb(self.device)), "skipped_steps": self.skipped_steps}
+
+    def speed(self):
+        """This process' wall-clock throughput after its warm-up (common.metrics.WallClock)."""
+        return self.clock.summary(self.iteration, self.samples_per_iter)
 
     def train_flops(self):
         """Training FLOPs of the whole run, all ranks: one iteration's convolutions and matrix products,
@@ -307,6 +329,7 @@ class Run:
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
                 "device_hours": round(wall * world / 3600, 5), "train_flops": self.train_flops(),
+                "train_speed": self.speed(),
                 "losses_first": _loss_window(logged[0]) if logged else None,
                 "losses_last": _loss_window(logged[-1]) if logged else None, "skipped_images": self.skipped_images}
 

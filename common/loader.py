@@ -38,14 +38,16 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         if self.batches_per_epoch == 0:
             raise UserError(f"--batch-size {batch_size}: the training set has {num_items} items, fewer than one "
                             f"batch of {batch_size} per process x {self.world} processes; lower --batch-size")
-        self.epoch, self.start_batch = 0, 0
+        self.epoch, self.start_batch, self.epochs = 0, 0, 1
 
-    def set_epoch(self, epoch, start_batch=0):
-        """Selects epoch ``epoch`` and skips its first ``start_batch`` batches (mid-epoch resume)."""
-        self.epoch, self.start_batch = epoch, start_batch
+    def set_epoch(self, epoch, start_batch=0, epochs=1):
+        """Selects epochs ``epoch`` .. epoch + epochs - 1, in one pass, and skips the first ``start_batch``
+        batches (mid-epoch resume). One pass over several epochs keeps a DataLoader's workers loading across
+        epoch ends (a new pass per epoch waits for its first batch: on a small set, every few iterations)."""
+        self.epoch, self.start_batch, self.epochs = epoch, start_batch, epochs
 
-    def _epoch_batches(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+    def _epoch_batches(self, epoch):
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         order = torch.randperm(self.num_items, generator=g)
         seeds = torch.randint(0, 2**31 - 1, (self.num_items,), generator=g)
         total = self.per_rank * self.world
@@ -67,10 +69,11 @@ class TrainBatchSampler(torch.utils.data.Sampler):
         return batches[: self.batches_per_epoch]
 
     def __iter__(self):
-        yield from self._epoch_batches()[self.start_batch:]
+        for epoch in range(self.epoch, self.epoch + self.epochs):
+            yield from self._epoch_batches(epoch)[self.start_batch if epoch == self.epoch else 0:]
 
     def __len__(self):
-        return self.batches_per_epoch - self.start_batch
+        return self.batches_per_epoch * self.epochs - self.start_batch
 
 
 @contextlib.contextmanager

@@ -3,8 +3,9 @@ JSON line per logged iteration, per epoch and per evaluation in ``<output-dir>/l
 reads it back). Only rank 0 writes.
 
 ``Meter`` accumulates named scalar tensors on their device, so that logging costs no host sync
-except at the print interval.
+except at the print interval. ``WallClock`` gives the throughput every record states: wall clock.
 """
+import contextlib
 import json
 import os
 import time
@@ -45,6 +46,43 @@ class Meter:
             values = dist.reduce_dict(values)
         self.sums, self.count = {}, 0
         return {k: float(v) for k, v in values.items()}
+
+
+class WallClock:
+    """Wall-clock throughput of one process' training loop, and where its time went.
+
+    ``summary`` covers the window from ``open`` (after the warm-up) to now: samples_per_s = samples x
+    iterations / wall_s, everything in the window included (the steps, waiting for data, logging, checkpoints,
+    evaluations between epochs); data_wait_s, checkpoint_s and eval_s are the seconds of it spent on each,
+    data_time_share = data_wait_s / wall_s. speed_window = [first, last]: the window holds iterations
+    first + 1 .. last. Before ``open`` every figure is None."""
+
+    PARTS = ("data_wait", "checkpoint", "eval")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)  # since the process started
+        self.start = None  # (iteration, time, seconds) where the window opened
+
+    @contextlib.contextmanager
+    def timing(self, part):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t
+
+    def open(self, iteration):
+        self.start = (iteration, time.perf_counter(), dict(self.seconds))
+
+    def summary(self, iteration, samples_per_iter):
+        if self.start is None:
+            return {"samples_per_s": None, "speed_window": None}
+        first, t0, before = self.start
+        wall = max(time.perf_counter() - t0, 1e-9)
+        spent = {f"{k}_s": round(self.seconds[k] - before[k], 3) for k in self.PARTS}
+        return {"samples_per_s": round(samples_per_iter * (iteration - first) / wall, 2),
+                "speed_window": [first, iteration], "wall_s": round(wall, 3), **spent,
+                "data_time_share": round(spent["data_wait_s"] / wall, 4)}
 
 
 class RunLog:

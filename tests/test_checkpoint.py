@@ -311,6 +311,50 @@ def test_a_stop_point_inside_an_iteration_checkpoints_it_and_the_resumed_run_is_
     assert [resumed[it] for it in resumed] == [full[it] for it in resumed]  # bit-identical
 
 
+def test_checkpoints_come_every_ckpt_every_iterations_and_at_the_last_not_at_epoch_ends(tmp_path,
+                                                                                        own_signal_handlers):
+    """Epochs of 6 iterations, --ckpt-every 4: checkpoints at 4, 8, 12 and the last iteration, 14. A run killed
+    in iteration 7 (after the epoch end at 6) resumes from 4 and reproduces the uninterrupted run."""
+    def recording_saves(run):
+        saved, save = [], run.ckpt.save
+        run.ckpt.save = lambda state, periodic=False: (saved.append((state["iteration"], periodic)),
+                                                       save(state, periodic))
+        return saved
+
+    full = train(*tiny_run(run_args(tmp_path / "full"), max_iters=14))
+    run, loader = tiny_run(run_args(tmp_path / "cut", ckpt_every=4), max_iters=14)
+    saved = recording_saves(run)
+    for it, x in run.batches(loader):
+        if it == 7:
+            break
+        sgd_step(run, ((run.model(x + torch.randn(3)) - 1) ** 2).mean(), run.args.lr)
+    assert saved == [(4, True)]
+    run, loader = tiny_run(run_args(tmp_path / "cut", resume="auto", ckpt_every=4), max_iters=14)
+    saved = recording_saves(run)
+    resumed = train(run, loader)
+    assert sorted(resumed) == list(range(4, 14)) and [resumed[it] for it in resumed] == [full[it] for it in resumed]
+    assert saved == [(8, True), (12, True), (14, False)]
+
+
+def test_a_run_reads_the_epochs_left_in_one_loader_pass_with_the_batches_of_one_pass_per_epoch(
+        tmp_path, monkeypatch, own_signal_handlers):
+    """One DataLoader pass over several epochs keeps the workers loading across epoch ends; its batches are those
+    of a pass per epoch, from a mid-epoch position on (a resume)."""
+    sampler = data_loader.TrainBatchSampler(13, 2, seed=5)  # 6 batches per epoch
+
+    def epoch(e, skip=0):
+        sampler.set_epoch(e, skip)
+        return list(sampler)
+
+    expected = epoch(1, 4) + epoch(2) + epoch(3)
+    sampler.set_epoch(1, 4, epochs=3)
+    assert len(sampler) == len(expected) == 14 and list(sampler) == expected
+    run, loader = tiny_run(run_args(tmp_path), max_iters=14)  # epochs of 6 iterations
+    passes, pass_over = [], type(loader).__iter__
+    monkeypatch.setattr(type(loader), "__iter__", lambda self: passes.append(len(self)) or pass_over(self))
+    assert sorted(train(run, loader)) == list(range(14)) and passes == [18]  # 3 epochs, the last one cut at 14
+
+
 def test_resume_refuses_flags_that_change_the_run_and_records_harmless_ones(tmp_path, capsys, own_signal_handlers):
     out = tmp_path / "run"
     train(*tiny_run(run_args(out), max_iters=4))
