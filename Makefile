@@ -184,8 +184,8 @@ CLAIM_SEEDS ?= 0 1 2
 CLAIM_ROWS = direct-p1x montage aligndet aligndet-common predet predet-cls scratch scratch-2x scratch-4x scratch-8x
 CLAIMS = direct-p1x>scratch montage>scratch aligndet-common>montage predet>predet-cls predet>scratch
 claim_expect = $(foreach r,$(CLAIM_ROWS),$(foreach s,$(CLAIM_SEEDS),ft-$(r)-s$(s)))
-# The same protocol on a GPU at a larger scale: make demo-claims OUT=runs-gpu CLAIM_DEVICE=cuda CLAIM_SCALE=4
-# CLAIM_JOBS=8 multiplies every iteration count (warm-ups included) by 4, which keeps every budget ratio.
+# The same protocol on a GPU at a larger scale: make demo-claims OUT=runs-gpu CLAIM_DEVICE=cuda CLAIM_SCALE=2
+# CLAIM_JOBS=6 multiplies every iteration count (warm-ups included) by 2, which keeps every budget ratio.
 CLAIM_DEVICE ?= cpu
 CLAIM_SCALE ?= 1
 CLAIM_JOBS ?= $(DEMO_JOBS)
