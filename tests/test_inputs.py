@@ -410,7 +410,7 @@ def test_skipped_images_are_counted_in_log_and_meta(tmp_path, capsys):
     from common.engine import Run
     from common.loader import build_train_loader
     args = argparse.Namespace(output_dir=str(tmp_path), keep_ckpts=0, tensorboard=False, resume=None, amp="off",
-                              print_freq=1, ckpt_every=0, skip_nonfinite=0, clip_grad=0.0)
+                              print_freq=1, ckpt_every=0, skip_nonfinite=0, clip_grad=0.0, cudnn_benchmark=None)
     model = torch.nn.Linear(1, 1)
     loader = build_train_loader(ImagesWithBadOnes({3, 7}), 5, 0, 0, torch.device("cpu"),
                                 collate_fn=lambda b: b)

@@ -270,13 +270,14 @@ def test_samples_keep_their_aspect_and_cover_their_region(h, w, region_h, region
 
 class StridedConv(nn.Module):
     """features = BN(conv 32 x 32, stride 32): output cell (j, k) sees exactly input block (j, k), through the
-    kernel. In eval mode BN divides by sqrt(running var 4) = 2; batch statistics (train mode) would not."""
+    kernel. In eval mode BN divides by sqrt(running var + eps) = 2 (eps 2^-20 and var 4 - 2^-20, exact in float32:
+    torch before 2.13 refuses eps 0); batch statistics (train mode) would not."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 2, 32, stride=32, bias=False)
-        self.bn = nn.BatchNorm2d(2, eps=0)
-        self.bn.running_var.fill_(4.0)
+        self.bn = nn.BatchNorm2d(2, eps=2.0 ** -20)
+        self.bn.running_var.fill_(4.0 - 2.0 ** -20)
         self.bn.running_mean.fill_(1.0)
 
     def features(self, x):
