@@ -158,7 +158,7 @@ $(D)/ft-%/results.json: $(D)/%/model_final.pth  # ft-<row>-s<seed> from <row>-s<
 #   forward and backward, times the iterations; Montage's ERF passes counted apart and added), everywhere:
 #   budgets, the table, the plot, the matching. Device-hours are reported beside them, never compared.
 # - Budget rule: every pre-training (a chain of stages: AlignDet's includes its Montage backbone) costs one
-#   fine-tune of compute, B = the scratch fine-tune's FLOPs (60 it x 101.4 GFLOP = 6.08 PFLOP). Iterations below
+#   fine-tune of compute, B = the scratch fine-tune's FLOPs (60 it x 101.4 GFLOP = 6.08 TFLOP). Iterations below
 #   = B / each stage's FLOPs per iteration, measured once on seed 100 (GFLOP/it: Direct 81.5, Montage 31.3 + 106.6
 #   per ERF pass, PreDet 107.0, PreDet L_cls-only 67.8, AlignDet 99.4). AlignDet spends B/2 on a Montage backbone
 #   (montage-half) and B/2 on its box-domain stage, so that aligndet and montage cost the same.

@@ -36,9 +36,9 @@ from common.cli import HelpFormatter
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",
-           "AP by seed", "pre-train PFLOP", "total PFLOP", "pre-train h", "fine-tune h", "device", "seeds",
+           "AP by seed", "pre-train TFLOP", "total TFLOP", "pre-train h", "fine-tune h", "device", "seeds",
            "pretext check", "status")
-NUMERIC = (*AP_COLUMNS, "mask AP", "pre-train PFLOP", "total PFLOP", "pre-train h", "fine-tune h")
+NUMERIC = (*AP_COLUMNS, "mask AP", "pre-train TFLOP", "total TFLOP", "pre-train h", "fine-tune h")
 # the loss whose fall shows that a stage's pretext learned (PreDet's L_cls-only ablation logs no loss_info)
 PRETEXT_LOSS = {"direct": "loss", "montage": "loss_cls", "aligndet": "loss_contrast", "predet": "loss_info"}
 # one-sided 95% quantiles of Student's t by degrees of freedom; past 10 the 10's (a little conservative)
@@ -129,8 +129,8 @@ def read_run(run_dir, learned_drop=0.2):
                    flops=total,
                    **{"pre-train": _pretrain_schedule(args["init"], pre), "fine-tune": str(ft.get("schedule")),
                       "recipe": _recipe(ft.get("recipe")),
-                      "pre-train PFLOP": None if pre_flops is None else pre_flops / 1e15,
-                      "total PFLOP": None if total is None else total / 1e15,
+                      "pre-train TFLOP": None if pre_flops is None else pre_flops / 1e12,
+                      "total TFLOP": None if total is None else total / 1e12,
                       "pre-train h": 0.0 if scratch else pretrain_total(pre, "device_hours"),
                       "fine-tune h": ft["device_hours"], "device": ft.get("device_type")},
                    **{k: res["bbox"][k] for k in AP_COLUMNS},
@@ -284,8 +284,8 @@ def evaluate_claims(runs, table, claims):
                     break
                 matched = scratch_at(curves[seed], run["flops"])
                 if matched is None:
-                    out.append((claim, {"verdict": f"undecidable: {a} (seed {seed}, {run['flops'] / 1e15:.2f} "
-                                                   f"PFLOP) costs more than the longest scratch run"}))
+                    out.append((claim, {"verdict": f"undecidable: {a} (seed {seed}, {run['flops'] / 1e12:.2f} "
+                                                   f"TFLOP) costs more than the longest scratch run"}))
                     break
                 diffs.append(run["AP"] - matched)
                 baseline = "scratch at the same FLOPs (same seed's curve)"
@@ -323,14 +323,14 @@ def markdown(rows):
     for r in rows:
         cells = []
         for k in COLUMNS:
-            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "AP by seed", "fine-tune h", "total PFLOP",
+            if r["status"] != "done" and k in (*AP_COLUMNS, "mask AP", "AP by seed", "fine-tune h", "total TFLOP",
                                                "pretext check"):
                 cells.append("—")
             elif k in (*AP_COLUMNS, "mask AP"):
                 cells.append(_fmt(r[k] if r[k] is None or r[k] >= 0 else None, r[k + " std"], 3))
             elif k.endswith(" h"):
                 cells.append(_fmt(r[k], r[k + " std"], 4))
-            elif k.endswith("PFLOP"):
+            elif k.endswith("TFLOP"):
                 cells.append(_fmt(r[k], r[k + " std"], 2))
             else:
                 cells.append(str(r.get(k) if r.get(k) is not None else "n/a"))
@@ -345,20 +345,20 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    done = [r for r in rows if r["status"] == "done" and r["total PFLOP"] is not None]
-    curve = sorted((r for r in done if r["method"] == "scratch"), key=lambda r: r["total PFLOP"])
+    done = [r for r in rows if r["status"] == "done" and r["total TFLOP"] is not None]
+    curve = sorted((r for r in done if r["method"] == "scratch"), key=lambda r: r["total TFLOP"])
     if curve:
-        x = [r["total PFLOP"] for r in curve]
+        x = [r["total TFLOP"] for r in curve]
         y = [r["AP"] for r in curve]
         sd = [r["AP std"] or 0.0 for r in curve]
         ax.plot(x, y, "-o", color="0.3", label="scratch (1x, 2x, ... the fine-tune)")
         ax.fill_between(x, [a - d for a, d in zip(y, sd)], [a + d for a, d in zip(y, sd)], color="0.3", alpha=0.2)
     for r in done:
         if r["method"] != "scratch":
-            ax.errorbar(r["total PFLOP"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total PFLOP std"] or 0, fmt="o",
+            ax.errorbar(r["total TFLOP"], r["AP"], yerr=r["AP std"] or 0, xerr=r["total TFLOP std"] or 0, fmt="o",
                         capsize=3, label=r["row"])
     ax.set_xscale("log")
-    ax.set_xlabel("total training PFLOP (pre-training + fine-tuning)")
+    ax.set_xlabel("total training TFLOP (pre-training + fine-tuning)")
     ax.set_ylabel("box AP (mean ± std over seeds)")
     if done:
         ax.legend(fontsize=7)

@@ -78,7 +78,7 @@ def test_table_csv_and_plot(tmp_path):
                                 "| 0.450 | n/a | n/a | 0.7500 | 0.2500 | cpu | 0 | not checked: seed 0: aligndet: "
                                 "loss_contrast not logged; seed 0: montage: loss_cls not logged | done |")
     assert body["direct"] == ("| direct | direct | fasterrcnn | resnet18 | P1x | 100 it | ? | 0.500 | 0.700 | 0.450 | "
-                              "n/a | 0.250 | 0.500 | 0.250 | 0.500 | 3.00 | 4.00 | 0.5000 | 0.0200 | cpu | 0 | learned: "
+                              "n/a | 0.250 | 0.500 | 0.250 | 0.500 | 3000.00 | 4000.00 | 0.5000 | 0.0200 | cpu | 0 | learned: "
                               "seed 0: direct loss 2.000 -> 1.000 (learned if <= 1.600) | done |")
     # two seeds -> mean ± sample std, and each seed's AP
     assert body["scratch"].startswith("| scratch | scratch | fasterrcnn | resnet18 | none | 100 it | ? | 0.350 ± 0.071 |")
@@ -134,7 +134,7 @@ def _pretrained(method, flops, first, last, key="loss", **extra):
 
 
 def test_claims_against_scratch_use_the_same_seeds_curve_at_matched_flops(tmp_path):
-    """Scratch at 1 and 4 PFLOP per seed; Direct's total (pre-training 1 + fine-tune 1) is 2 PFLOP, halfway
+    """Scratch at 1000 and 4000 TFLOP per seed; Direct's total (pre-training + fine-tune, 1000 each) is 2000, halfway
     in log FLOPs, so its baseline is the mean of the seed's two scratch APs (linear in FLOPs: a third of the way)."""
     root = str(tmp_path / "runs")
     short, long_, direct = (0.10, 0.12, 0.08), (0.30, 0.28, 0.32), (0.25, 0.24, 0.27)
@@ -143,7 +143,7 @@ def test_claims_against_scratch_use_the_same_seeds_curve_at_matched_flops(tmp_pa
         _run(root, f"ft-scratch-4x-s{seed}", "scratch", seed, _results(long_[seed], 0.04, ft_flops=4e15))
         _run(root, f"ft-direct-s{seed}", "runs/direct/model_final.pth", seed,
              _results(direct[seed], 0.01, _pretrained("direct", 1e15, 2.0, 1.2), ft_flops=1e15))
-        _run(root, f"ft-late-s{seed}", "runs/late/model_final.pth", seed,  # 5 PFLOP: past the curve's end
+        _run(root, f"ft-late-s{seed}", "runs/late/model_final.pth", seed,  # 5000 TFLOP: past the curve's end
              _results(0.9, 0.01, _pretrained("direct", 4e15, 2.0, 1.2), ft_flops=1e15))
     _, claims = write_results(root, claims=["direct > scratch", "late > scratch"])
     claims = dict(claims)
@@ -152,7 +152,7 @@ def test_claims_against_scratch_use_the_same_seeds_curve_at_matched_flops(tmp_pa
     assert claims["direct > scratch"]["sd"] == pytest.approx(0.0152753, rel=1e-5)
     assert claims["direct > scratch"]["detectable"] == pytest.approx(2.920 * 0.0152753 / math.sqrt(3), rel=1e-4)
     assert claims["direct > scratch"]["verdict"] == "held"
-    assert claims["late > scratch"]["verdict"] == ("undecidable: late (seed 0, 5.00 PFLOP) costs more than the "
+    assert claims["late > scratch"]["verdict"] == ("undecidable: late (seed 0, 5000.00 TFLOP) costs more than the "
                                                    "longest scratch run")
     text = open(os.path.join(root, "results.md")).read()
     assert ("| direct > scratch | scratch at the same FLOPs (same seed's curve) | 0.053 | 0.015 | 3 | 0.026 | held |"
