@@ -124,9 +124,16 @@ def flag_change(dest, old, new):
     return f"--{dest.replace('_', '-')} {old} -> {new}"
 
 
+# Flags each script records as it resolved them (the lr scaled to the batch, the capped warm-up), so that a value
+# given equal to the run's is no change; in a checkpoint written before the scripts did, None (the script's
+# default then), which is not compared: such a run stays resumable.
+RESOLVED_BY_THE_SCRIPT = ("lr", "warmup_iters")
+
+
 def changed_flags(old, new):
     """{dest: [old value, new value]} of the flags that differ (a flag missing on one side is None there)."""
-    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+    return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+            and not (k in RESOLVED_BY_THE_SCRIPT and old.get(k) is None)}
 
 
 def resume_changes(path, saved, args):

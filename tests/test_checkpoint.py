@@ -386,6 +386,21 @@ def test_resume_refuses_flags_that_change_the_run_and_records_harmless_ones(tmp_
                                       "max_iters", "skip_bad_images"}
 
 
+def test_a_checkpoint_from_before_the_scripts_recorded_their_lr_still_resumes(tmp_path, own_signal_handlers):
+    """Such a checkpoint holds lr and warm-up None (the script's defaults then): not compared, whatever the
+    script resolves them to now; any other flag still is."""
+    out = tmp_path / "run"
+    train(*tiny_run(run_args(out, warmup_iters=None), max_iters=4))
+    path = str(out / "checkpoint_last.pth")
+    state = checkpoint.load(path)
+    state["args"]["lr"] = None
+    checkpoint.save(state, path)
+    run, _ = tiny_run(run_args(out, resume="auto", warmup_iters=3), max_iters=6)
+    assert run.start_iter == 4
+    with pytest.raises(UserError, match="--seed 0 -> 1"):
+        tiny_run(run_args(out, resume="auto", seed=1), max_iters=6)
+
+
 def test_resuming_a_checkpoint_of_another_shape_is_one_line(tmp_path, own_signal_handlers):
     out = tmp_path / "run"
     train(*tiny_run(run_args(out), max_iters=2))
