@@ -464,8 +464,8 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
 
 @pytest.mark.parametrize("resume", ["auto", None])
 def test_a_kill_before_the_first_checkpoint_leaves_one_log_record_per_iteration(tmp_path, resume, own_signal_handlers):
-    """Killed after logging iterations 1-4, before its first checkpoint (the epoch's end, 6): the run starts
-    again at 0, with --resume auto or without, and its log has each iteration once."""
+    """Killed after logging iterations 1-4, before its first checkpoint (--ckpt-every 1000: at its last
+    iteration): the run starts again at 0, with --resume auto or without, and its log has each iteration once."""
     out = tmp_path / "run"
     run, loader = tiny_run(run_args(out), max_iters=8)
     for it, x in run.batches(loader):
