@@ -249,7 +249,7 @@ class Run:
         """The full training state (collective: every rank must call it)."""
         return {"kind": "train_state", "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "iteration": self.iteration, "elapsed": self.elapsed(),
-                "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state()),
+                "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state(self.device)),
                 "meters": dist.all_gather_object([self.meter.state_dict(), self.epoch_meter.state_dict()]),
                 "extra": {k: v.state_dict() for k, v in self.extra.items()}, "args": vars(self.args),
                 "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
@@ -289,7 +289,7 @@ class Run:
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
         self.flops_per_iter = ck.get("flops_per_iter")
         if len(ck["rng"]) == dist.get_world_size():
-            checkpoint.set_rng_state(ck["rng"][dist.get_rank()])
+            checkpoint.set_rng_state(ck["rng"][dist.get_rank()], self.device)
             meters = ck["meters"][dist.get_rank()] if "meters" in ck else []  # (older checkpoints: none)
             for meter, state in zip((self.meter, self.epoch_meter), meters):  # the sums of the cut interval, epoch
                 meter.load_state_dict(state, self.device)

@@ -87,6 +87,23 @@ def test_malicious_checkpoint_is_refused_without_running_code(tmp_path):
     assert not marker.exists()
 
 
+def test_a_cpu_run_never_starts_cuda_for_its_random_states(monkeypatch):
+    """On a GPU machine a CPU run (or a rank forked from a process that used CUDA, where CUDA cannot start)
+    records and restores no CUDA generator; a CUDA run records its own device's."""
+    def no_cuda(*args):
+        raise RuntimeError("Cannot re-initialize CUDA in forked subprocess")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", no_cuda)
+    state = checkpoint.rng_state(torch.device("cpu"))
+    assert "cuda" not in state
+    checkpoint.set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: seen.append(device) or torch.ones(3))
+    assert torch.equal(checkpoint.rng_state(torch.device("cuda", 1))["cuda"], torch.ones(3))
+    assert seen == [torch.device("cuda", 1)]
+
+
 def test_kinds_are_explained(tmp_path):
     state = str(tmp_path / "checkpoint_last.pth")
     checkpoint.save({"kind": "train_state", "iteration": 3}, state)
