@@ -8,8 +8,10 @@ Every parser uses ``HelpFormatter``, so --help shows each flag's default.
 """
 import argparse
 import copy
+import errno
 import math
 import os
+import shutil
 import sys
 
 from common import dist
@@ -197,9 +199,33 @@ def run(main, parser, argv=None):
         print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
         record_error(args, user_message(e), skipped=isinstance(e, Unavailable))
         sys.exit(2)
+    except OSError as e:
+        if e.errno not in DISK_FAULTS:
+            record_error(args, f"{type(e).__name__}: {user_message(e)} (a crash: see its traceback)")
+            raise
+        print(f"error: {disk_fault(e, args)}", file=sys.stderr, flush=True)
+        record_error(args, disk_fault(e, args))  # usually impossible on that disk: then stderr is the record
+        sys.exit(2)
     except Exception as e:
         record_error(args, f"{type(e).__name__}: {user_message(e)} (a crash: see its traceback)")
         raise
+
+
+# a disk that cannot take a write (full, over quota, remounted read-only): the run stops at that write (checkpoint
+# saves have a line of their own, with the size of the state: checkpoint.save)
+DISK_FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_fault(e, args):
+    """The line of a write refused by the disk: the file (else the output directory), why, the space free."""
+    where = e.filename or getattr(args, "output_dir", None) or os.getcwd()
+    directory = where if os.path.isdir(where) else os.path.dirname(os.path.abspath(where))
+    try:
+        free = f", {shutil.disk_usage(directory).free / 2**20:.1f} MiB free there"
+    except OSError:
+        free = ""
+    return (f"{where}: {e.strerror} while writing it{free}; the checkpoints written before are intact: free space "
+            "there (or make it writable) and run the same command with --resume auto")
 
 
 def record_error(args, message, skipped=False):

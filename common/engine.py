@@ -100,43 +100,43 @@ class Run:
         of extra fields (e.g. evaluation stats) for that epoch's log.txt line."""
         sampler = loader.batch_sampler
         main = dist.is_main_process()
-        bar = tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
-                   mininterval=1 if sys.stderr.isatty() else 30, desc=self.method)
-        it = self.start_iter
-        warmup_end = it + min(SPEED_WARMUP_ITERS, (self.max_iters - it) // 5)
-        if warmup_end == it:
-            self.clock.open(it)
-        if it < self.max_iters:  # one pass over every epoch left: the workers keep loading across epoch ends
-            epoch, skip = divmod(it, self.iters_per_epoch)
-            sampler.set_epoch(epoch, skip, epochs=-(-self.max_iters // self.iters_per_epoch) - epoch)
-            t = time.perf_counter()
-            for batch in loader:
-                self.clock.seconds["data_wait"] += time.perf_counter() - t
-                epoch = it // self.iters_per_epoch
-                count = self.flops_per_iter is None and not self.uncounted(it)
-                with FlopCounter() if count else contextlib.nullcontext() as counter:
-                    yield it, batch
-                if count:
-                    self.flops_per_iter = counter.total
-                it = self.iteration = it + 1
-                if it == warmup_end:
-                    self.clock.open(it)
-                bar.update(1)
-                self._after_iteration(it, bar)
-                if it % self.iters_per_epoch == 0 or it == self.max_iters:
-                    self.skipped_images = skipped_images(loader)
-                    losses, evaluated = self.epoch_meter.means(), {}
-                    if on_epoch_end is not None:
-                        with self.clock.timing("eval"):
-                            evaluated = on_epoch_end(epoch) or {}
-                    self.log.jsonl({"epoch": epoch, "iteration": it, **self.epoch_summary(losses),
-                                    "skipped_images": self.skipped_images, **evaluated})
-                if it == self.max_iters or (self.args.ckpt_every and it % self.args.ckpt_every == 0):
-                    self.save(periodic=it < self.max_iters)
-                if it >= self.max_iters:
-                    break
+        # the bar is closed on an error too, so the error's line starts a line of its own
+        with tqdm(total=self.max_iters, initial=self.start_iter, disable=not main, dynamic_ncols=True,
+                  mininterval=1 if sys.stderr.isatty() else 30, desc=self.method) as bar:
+            it = self.start_iter
+            warmup_end = it + min(SPEED_WARMUP_ITERS, (self.max_iters - it) // 5)
+            if warmup_end == it:
+                self.clock.open(it)
+            if it < self.max_iters:  # one pass over every epoch left: the workers keep loading across epoch ends
+                epoch, skip = divmod(it, self.iters_per_epoch)
+                sampler.set_epoch(epoch, skip, epochs=-(-self.max_iters // self.iters_per_epoch) - epoch)
                 t = time.perf_counter()
-        bar.close()
+                for batch in loader:
+                    self.clock.seconds["data_wait"] += time.perf_counter() - t
+                    epoch = it // self.iters_per_epoch
+                    count = self.flops_per_iter is None and not self.uncounted(it)
+                    with FlopCounter() if count else contextlib.nullcontext() as counter:
+                        yield it, batch
+                    if count:
+                        self.flops_per_iter = counter.total
+                    it = self.iteration = it + 1
+                    if it == warmup_end:
+                        self.clock.open(it)
+                    bar.update(1)
+                    self._after_iteration(it, bar)
+                    if it % self.iters_per_epoch == 0 or it == self.max_iters:
+                        self.skipped_images = skipped_images(loader)
+                        losses, evaluated = self.epoch_meter.means(), {}
+                        if on_epoch_end is not None:
+                            with self.clock.timing("eval"):
+                                evaluated = on_epoch_end(epoch) or {}
+                        self.log.jsonl({"epoch": epoch, "iteration": it, **self.epoch_summary(losses),
+                                        "skipped_images": self.skipped_images, **evaluated})
+                    if it == self.max_iters or (self.args.ckpt_every and it % self.args.ckpt_every == 0):
+                        self.save(periodic=it < self.max_iters)
+                    if it >= self.max_iters:
+                        break
+                    t = time.perf_counter()
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None)

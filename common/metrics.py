@@ -102,8 +102,11 @@ class RunLog:
 
     def jsonl(self, record):
         if dist.is_main_process():
-            with open(self.path, "a") as f:
-                f.write(json.dumps(dict(record, time=round(time.time(), 1))) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(dict(record, time=round(time.time(), 1))) + "\n")
+            except OSError as e:  # a full disk: write(2)'s error names no file; cli.run's line names this one
+                raise OSError(e.errno, e.strerror, self.path) from None
 
     def truncate(self, iteration):
         """Drops the records past ``iteration`` (a resumed run writes them again) and a line cut by a kill

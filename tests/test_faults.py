@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -425,7 +426,9 @@ class FullDisk:
         self.f, self.free = f, free
 
     def write(self, data):
-        if len(data) > self.free:
+        if len(data) > self.free:  # what fits is written, as write(2) does before ENOSPC
+            self.f.write(data[:self.free])
+            self.free = 0
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         self.free -= len(data)
         return self.f.write(data)
@@ -460,6 +463,37 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
         str(full.value)), full.value
     assert (out / "checkpoint_last.pth").read_bytes() == before and not [
         name for name in os.listdir(out) if name.startswith(".tmp-")]
+
+
+def test_a_full_disk_while_logging_is_one_line_and_the_resumed_run_logs_each_iteration_once(tmp_path, monkeypatch,
+                                                                                          capsys, own_signal_handlers):
+    """The disk fills after the checkpoint at iteration 4: iteration 5's log record is cut mid-line. The run stops
+    with one line naming log.txt (exit 2); resumed, its log and losses are the uninterrupted run's."""
+    train(*tiny_run(run_args(tmp_path / "full", ckpt_every=4), max_iters=8))
+    out = tmp_path / "run"
+    real_open = builtins.open
+
+    def filling_disk(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        full = str(path) == str(out / "log.txt") and os.path.exists(out / "checkpoint_last.pth")
+        return FullDisk(f, free=10) if full else f
+
+    capsys.readouterr()
+    monkeypatch.setattr(builtins, "open", filling_disk)
+    parsed = types.SimpleNamespace(parse_args=lambda argv: run_args(out, ckpt_every=4))  # cli.run's parser
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda args: train(*tiny_run(args, max_iters=8)), parsed, [])
+    monkeypatch.undo()
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("test: ")]  # tqdm's
+    assert stop.value.code == 2 and len(err) == 1, err
+    assert re.fullmatch(re.escape(f"error: {out / 'log.txt'}: No space left on device while writing it, ") + r"[\d.]+ "
+                        + re.escape("MiB free there; the checkpoints written before are intact: free space there (or "
+                                    "make it writable) and run the same command with --resume auto"), err[0]), err[0]
+    assert max(r.get("iteration", 0) for r in read_jsonl(str(out / "log.txt"))) == 4
+    train(*tiny_run(run_args(out, ckpt_every=4, resume="auto"), max_iters=8))
+    losses = [{k: r[k] for k in ("iteration", "loss")} for r in read_jsonl(str(out / "log.txt")) if "loss" in r]
+    assert losses == [{k: r[k] for k in ("iteration", "loss")} for r in read_jsonl(str(tmp_path / "full" / "log.txt"))
+                      if "loss" in r] and [r["iteration"] for r in losses] == list(range(1, 9))
 
 
 @pytest.mark.parametrize("resume", ["auto", None])
