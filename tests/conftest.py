@@ -84,6 +84,20 @@ def iteration_losses(output_dir, key="loss"):
     return out
 
 
+def _opencv_contrib():
+    try:
+        import cv2
+    except ImportError:
+        return False
+    return hasattr(cv2, "ximgproc")
+
+
+# selective search needs opencv-contrib, which make install installs; a machine's own image (e.g. a GPU image
+# with plain OpenCV) may lack it: its tests are skipped there, saying so, and the rest of the suite runs
+needs_selective_search = pytest.mark.skipif(not _opencv_contrib(), reason="selective search needs OpenCV's contrib "
+                                            "modules (cv2.ximgproc): pip install opencv-contrib-python-headless")
+
+
 def pytest_configure(config):
     # pycocotools' C extension trips a numpy 2 deprecation warning on every mask decode
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")

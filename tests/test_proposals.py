@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 
 from common import proposals
 from common.cli import UserError
-from conftest import run_script
+from conftest import needs_selective_search, run_script
 
 
 def make_set(root, sizes=((100, 80), (20, 20), (64, 200), (150, 120))):
@@ -69,6 +69,7 @@ def test_random_boxes_pass_the_filter_and_follow_the_generator():
     assert proposals.random_boxes(20, 300, 10, torch.Generator()).shape == (0, 4)
 
 
+@needs_selective_search
 def test_selective_search_boxes_are_in_original_pixels():
     rng = np.random.default_rng(0)
     image = np.asarray(Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).resize((1000, 600)))
@@ -90,7 +91,7 @@ def cli(capsys, *argv):
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("method", ["ss", "random"])
+@pytest.mark.parametrize("method", [pytest.param("ss", marks=needs_selective_search), "random"])
 def test_cli_writes_a_coco_file_whose_boxes_pass_the_filter(tmp_path, capsys, method):
     out = str(tmp_path / "p.json")
     flags = ["--method", method, *make_set(str(tmp_path)), "--out", out, "--topk", "20", "--shard-size", "1"]
