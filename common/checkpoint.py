@@ -17,11 +17,11 @@ import errno
 import glob
 import os
 import pickle
+import pickletools
 import random
 import re
 import secrets
 import shutil
-import struct
 import sys
 
 import numpy as np
@@ -104,24 +104,18 @@ def load(path, kind=None):
     cannot be, without) and checks it is of the expected kind ('final'/'train_state')."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    legacy = _legacy_format(path)  # e.g. torch.save(..., _use_new_zipfile_serialization=False): valid
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap can only be used with files saved with" not in str(e) or not _legacy_format(path):
-                raise
-            # torch's legacy (non-zip) format, e.g. torch.save(..., _use_new_zipfile_serialization=False): valid,
-            # but it cannot be memory-mapped
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
+    except Exception as e:  # a damaged file raises nearly anything (EOFError, IndexError, struct.error...)
+        if (isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
+                and (not legacy or _whole_pickles(path))):  # a cut legacy file can end in half a class name
             raise UserError(f"{path}: refused: the file holds Python objects other than tensors and plain "
                             "containers (checkpoints are loaded with weights_only=True, so no code in them "
                             "runs)") from None
-        raise UserError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, struct.error) as e:  # struct.error: a truncated legacy-format file
+        first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
-                        f"{str(e).splitlines()[0][:100]})") from None
+                        f"{first_line[:100]})") from None
     if isinstance(obj, dict) and "kind" not in obj and obj and all(torch.is_tensor(v) for v in obj.values()):
         obj = {"kind": "final", "model": obj, "meta": {}}  # a bare state dict (e.g. torchvision's)
     if not isinstance(obj, dict) or obj.get("kind") not in ("final", "train_state"):
@@ -133,6 +127,18 @@ def load(path, kind=None):
         raise UserError(f"{path} is a model_final.pth (weights only, to start another run from with --init); "
                         "--resume expects a checkpoint_last.pth or checkpoint_<iteration>.pth")
     return obj
+
+
+def _whole_pickles(path, count=5):
+    """Whether a legacy-format file starts with its five pickles whole (magic number, protocol, system info,
+    the object, its storages' keys), each ended by its STOP opcode; pickletools only parses them, runs nothing."""
+    with open(path, "rb") as f:
+        try:
+            for _ in range(count):
+                collections.deque(pickletools.genops(f), maxlen=0)
+        except ValueError:  # "pickle exhausted before seeing STOP", an unknown opcode
+            return False
+    return True
 
 
 def _legacy_format(path):
