@@ -54,10 +54,12 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# the CPU suite, in 2 processes of one thread each (faster than one process of two threads on 2 cores)
+# the CPU suite, in 2 processes of one thread each (faster than one process of two threads on 2 cores);
+# a passing test's tmp_path is deleted when it ends (its runs' checkpoints: about 20 GB over the suite, which
+# pytest's default would keep for the last 3 sessions), a failing test's is kept to look at
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -o tmp_path_retention_policy=failed tests
 
 # ---------------------------------------------------------------------------------------------------------
 # The comparison: scratch, ImageNet and every pre-training -> the same fine-tune of the same detector, each
