@@ -300,12 +300,13 @@ def main(args):
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        grad_norm = None
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)  # the norm before clipping
         scaler.step(optimizer)
         scaler.update()
-        run.log_losses(losses, loss, lr)
+        run.log_losses(losses, loss, lr, grad_norm=grad_norm)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp),
                       {"method": "direct", "finetune_recipe": FINETUNE_RECIPE,

@@ -77,7 +77,7 @@ class Run:
         self.clock = WallClock()  # the logged throughput: wall clock after the warm-up (common.metrics)
         self.stop_signal, self.lr = None, 0.0
         self.skipped_images = 0  # bad images the training loader skipped (--skip-bad-images), this process on
-        self.flops_per_iter = None  # training FLOPs of one iteration on one rank, counted once (train_flops)
+        self.flops_counted = [0, 0]  # [FLOPs, iterations] of the iterations counted on one rank (train_flops)
         self.uncounted = lambda it: False  # iterations not to count FLOPs on (Montage's ERF pass: counted apart)
         self.finished = False  # model_final.pth written (finish)
         self._interrupt_now = False  # inside interruptible(): a signal ends it at once
@@ -114,11 +114,11 @@ class Run:
                 for batch in loader:
                     self.clock.seconds["data_wait"] += time.perf_counter() - t
                     epoch = it // self.iters_per_epoch
-                    count = self.flops_per_iter is None and not self.uncounted(it)
+                    count = (it % self.args.print_freq == 0 or not self.flops_counted[1]) and not self.uncounted(it)
                     with FlopCounter() if count else contextlib.nullcontext() as counter:
                         yield it, batch
                     if count:
-                        self.flops_per_iter = counter.total
+                        self.flops_counted = [self.flops_counted[0] + counter.total, self.flops_counted[1] + 1]
                     it = self.iteration = it + 1
                     if it == warmup_end:
                         self.clock.open(it)
@@ -166,9 +166,13 @@ class Run:
                         f"state before this step to {path}; lower the lr, set --clip-grad, or pass "
                         "--skip-nonfinite N to tolerate N such steps")
 
-    def log_losses(self, losses, loss, lr):
-        """Adds a step's loss terms and total to the running means of the log (no host sync)."""
-        values = dict(losses, loss=loss)
+    def log_losses(self, losses, loss, lr, measures=None, grad_norm=None):
+        """Adds a step's loss terms and total, its pretext's measures against chance (common.pretext) and whether
+        its gradient was clipped (``grad_norm``: clip_grad_norm_'s result, None without --clip-grad) to the running
+        means of the log (no host sync)."""
+        values = dict(losses, loss=loss, **(measures or {}))
+        if grad_norm is not None:  # the share of the window's steps whose gradient norm exceeded --clip-grad
+            values["clipped"] = (~(grad_norm <= self.args.clip_grad)).float()  # a non-finite norm counts as clipped
         self.meter.update(values)
         self.epoch_meter.update(values)
         self.lr = lr
@@ -177,12 +181,12 @@ class Run:
         args = self.args
         log_now = it % args.print_freq == 0 or it == self.max_iters
         if log_now:
+            window = self.meter.count  # iterations averaged: --print-freq, fewer in a run's last record
             values = self.meter.means()
             values["lr"] = self.lr
             self.log.scalars(it, values)
-            self.log.jsonl({"iteration": it, **{k: round(v, 6) for k, v in values.items()}})
-            bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in values.items() if k != "lr")
-                                + f" lr={self.lr:.3g}", refresh=False)
+            self.log.jsonl({"iteration": it, "window": window, **{k: round(v, 6) for k, v in values.items()}})
+            bar.set_postfix_str(progress_text(values), refresh=False)
         if dist.get_world_size() == 1 or log_now:  # under torchrun the ranks agree every --print-freq iterations
             self.stop_point()
 
@@ -252,7 +256,7 @@ class Run:
                 "skipped_steps": self.skipped_steps, "rng": dist.all_gather_object(checkpoint.rng_state(self.device)),
                 "meters": dist.all_gather_object([self.meter.state_dict(), self.epoch_meter.state_dict()]),
                 "extra": {k: v.state_dict() for k, v in self.extra.items()}, "args": vars(self.args),
-                "flops_per_iter": self.flops_per_iter, "meta": {"method": self.method}}
+                "flops_counted": self.flops_counted, "meta": {"method": self.method}}
 
     def save(self, periodic=False):
         with self.clock.timing("checkpoint"):
@@ -287,7 +291,8 @@ class Run:
             self.log.truncate(self.start_iter)
             self.log.jsonl({"resumed": {"iteration": self.start_iter, "checkpoint": path, "changed": changed}})
         self.elapsed_before, self.skipped_steps = ck["elapsed"], ck["skipped_steps"]
-        self.flops_per_iter = ck.get("flops_per_iter")
+        self.flops_counted = ck.get("flops_counted") or ([ck["flops_per_iter"], 1] if ck.get("flops_per_iter")
+                                                         else [0, 0])  # (older checkpoints: one count)
         if len(ck["rng"]) == dist.get_world_size():
             checkpoint.set_rng_state(ck["rng"][dist.get_rank()], self.device)
             meters = ck["meters"][dist.get_rank()] if "meters" in ck else []  # (older checkpoints: none)
@@ -312,26 +317,32 @@ class Run:
         return self.clock.summary(self.iteration, self.samples_per_iter)
 
     def train_flops(self):
-        """Training FLOPs of the whole run, all ranks: one iteration's convolutions and matrix products,
+        """Training FLOPs of the whole run, all ranks: the convolutions and matrix products of an iteration,
         forward and backward, as torch.utils.flop_counter counts them (ops it does not know, e.g. RoIAlign and
-        NMS, count 0), times the iterations. One iteration is counted, the first this process ran (or the
-        checkpoint's count): a machine-independent measure of compute, unlike device-hours."""
-        if self.flops_per_iter is None:
+        NMS, count 0), averaged over the counted iterations, times the iterations. Counted: the first iteration
+        of every logged window (every --print-freq-th; counting costs host time per op, which a GPU step would
+        feel), so that batches whose shapes or sample counts vary (AlignDet's RoIs, multi-scale images) enter
+        as a sample of the run, not as its first batch. A machine-independent measure of compute, unlike
+        device-hours."""
+        flops, counted = self.flops_counted
+        if not counted:
             return None
-        return self.flops_per_iter * self.iteration * dist.get_world_size()
+        return flops / counted * self.iteration * dist.get_world_size()
 
     def compute_meta(self):
-        """Compute accounting for model_final.pth meta and results.json, and the loss terms of the first and
-        last logged windows (log.txt; --print-freq iterations each), which show whether a pretext learned."""
+        """Compute accounting for model_final.pth meta and results.json, the machine, the share of steps whose
+        gradient was clipped, and the losses and pretext measures of the first and last full logged windows
+        (--print-freq iterations each, from log.txt), which show whether a pretext learned (common.claims)."""
         wall, world = self.elapsed(), dist.get_world_size()
         logged = [r for r in read_jsonl(self.log.path) if "iteration" in r and "epoch" not in r and "loss" in r]
+        full = full_windows(logged, self.args.print_freq)
         return {"method": self.method, "iterations": self.iteration, "images_seen": self.iteration
                 * self.samples_per_iter, "wall_clock_s": round(wall, 1), "world_size": world,
                 "device_type": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
-                "device_hours": round(wall * world / 3600, 5), "train_flops": self.train_flops(),
-                "train_speed": self.speed(),
-                "losses_first": _loss_window(logged[0]) if logged else None,
-                "losses_last": _loss_window(logged[-1]) if logged else None, "skipped_images": self.skipped_images}
+                "machine": machine(self.device), "device_hours": round(wall * world / 3600, 5),
+                "train_flops": self.train_flops(), "train_speed": self.speed(), "clipped_share": clipped_share(logged),
+                "losses_first": _loss_window(full[0]) if full else None,
+                "losses_last": _loss_window(full[-1]) if full else None, "skipped_images": self.skipped_images}
 
     def finish(self, state_dict, meta):
         """Writes model_final.pth ({model, meta}); returns the meta."""
@@ -343,9 +354,53 @@ class Run:
         return meta
 
 
+def full_windows(records, print_freq):
+    """The iteration records of log.txt that average a whole --print-freq window (a run's last record averages
+    only iterations % print_freq of them: AlignDet's 31 iterations would be judged on iteration 31 alone). A log
+    written before records had "window" counts those ending at a multiple of print_freq."""
+    return [r for r in records if r.get("window", print_freq if r["iteration"] % print_freq == 0 else 0) == print_freq]
+
+
 def _loss_window(record):
-    """A logged window's loss terms (means over --print-freq iterations) and its last iteration."""
-    return {k: v for k, v in record.items() if k.startswith("loss") or k == "iteration"}
+    """A logged window's loss terms and pretext measures (means over its iterations) and its last iteration."""
+    return {k: v for k, v in record.items() if k not in ("lr", "time", "window", "clipped")}
+
+
+def clipped_share(records):
+    """The share of a run's steps whose gradient norm exceeded --clip-grad (None without clipping), from the
+    windows of log.txt, each weighted by its iterations."""
+    windows = [(r["clipped"], r["iteration"] - prev["iteration"]) for prev, r in zip([{"iteration": 0}] + records,
+                                                                                     records) if "clipped" in r]
+    steps = sum(n for _, n in windows)
+    return round(sum(c * n for c, n in windows) / steps, 4) if steps else None
+
+
+def machine(device):
+    """What a run's numbers depend on beyond its flags: the CPU and its kernel set, threads, torch, the GPU."""
+    import platform
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"cpu": cpu or platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
+
+
+def progress_text(values):
+    """The progress bar's figures: the loss terms, each pretext's distance to its chance level (nats) and its
+    top-1 retrieval against chance (common.pretext), the share of clipped steps and the lr."""
+    parts = []
+    for key, v in values.items():
+        if key.startswith("loss"):
+            parts.append(f"{key}={v:.3f}")
+        elif key.endswith("_vs_chance"):
+            parts.append(f"{key}={v:+.3f}")
+        elif key.endswith("_acc1"):
+            parts.append(f"{key}={v:.2f}/{values.get(key + '_chance', 0):.2f}")
+    if "clipped" in values:
+        parts.append(f"clipped={values['clipped']:.0%}")
+    return " ".join(parts + [f"lr={values['lr']:.3g}"])
 
 
 def targets_to(targets, device, keys=("boxes", "labels", "masks")):

@@ -471,26 +471,51 @@ def test_a_forked_worker_that_outlives_its_killed_run_does_not_keep_the_lock(tmp
         os.close(started)
 
 
-def test_train_flops_count_one_iteration_times_the_iterations_and_skip_uncounted_ones(tmp_path, own_signal_handlers):
+def test_train_flops_average_the_counted_iterations_and_skip_uncounted_ones(tmp_path, own_signal_handlers):
     """Linear(3, 2) on batches of 2 points that need no gradient: the forward addmm 2 x 2 x 3 x 2 = 24 FLOPs, the
-    weight gradient's mm the same: 48 per iteration. Iteration 0 also runs a 4x5 @ 5x6 product (240 FLOPs), as
-    Montage's ERF pass: marked uncounted, it must not enter the count. The meta has the first and last logged
-    loss windows (--print-freq 1: iterations 1 and 8)."""
-    run, loader = tiny_run(run_args(tmp_path / "run"))
+    weight gradient's mm the same: 48 per iteration. Iterations 3, 6, 9, ... also run a 4x5 @ 5x6 product (240
+    FLOPs): a batch whose size varies. With --print-freq 3 the first iteration of every window is counted (0, 3,
+    6; 0 is marked uncounted, as Montage's ERF pass, so 1 is counted instead): (48 + 288 + 288) / 3 = 208 per
+    iteration, 208 x 8 in all (the first iteration alone would give 48 x 8)."""
+    run, loader = tiny_run(run_args(tmp_path / "run", print_freq=3))
     run.uncounted = lambda it: it == 0
+    for it, x in run.batches(loader):
+        if it % 3 == 0:
+            torch.ones(4, 5) @ torch.ones(5, 6)
+        sgd_step(run, ((run.model(x) - 1) ** 2).mean())
+    assert run.flops_counted == [48 + 288 + 288, 3]
+    assert run.compute_meta()["train_flops"] == 208 * 8
+    assert checkpoint.load(str(tmp_path / "run" / "checkpoint_last.pth"))["flops_counted"] == [624, 3]  # resumed
+
+
+def test_the_learning_windows_are_full_ones(tmp_path, own_signal_handlers):
+    """The meta's first and last loss windows average --print-freq iterations each: with 8 iterations at
+    --print-freq 3 they are iterations 1-3 and 4-6, not the last record's 7-8 (a partial window: AlignDet's 31
+    iterations were judged on iteration 31 alone). Each log record says how many iterations it averages."""
+    run, loader = tiny_run(run_args(tmp_path / "run", print_freq=3))
     logged = {}
     for it, x in run.batches(loader):
-        if it == 0:
-            torch.ones(4, 5) @ torch.ones(5, 6)
         loss = ((run.model(x) - 1) ** 2).mean()
         sgd_step(run, loss)
         logged[it + 1] = loss.item()
-    assert run.flops_per_iter == 48 and run.train_flops() == 48 * 8
     meta = run.compute_meta()
-    assert meta["train_flops"] == 384
-    assert meta["losses_first"] == {"iteration": 1, "loss": pytest.approx(logged[1], rel=1e-5)}
-    assert meta["losses_last"] == {"iteration": 8, "loss": pytest.approx(logged[8], rel=1e-5)}
-    assert checkpoint.load(str(tmp_path / "run" / "checkpoint_last.pth"))["flops_per_iter"] == 48  # kept on resume
+    assert meta["losses_first"] == {"iteration": 3, "loss": pytest.approx(sum(logged[i] for i in (1, 2, 3)) / 3)}
+    assert meta["losses_last"] == {"iteration": 6, "loss": pytest.approx(sum(logged[i] for i in (4, 5, 6)) / 3)}
+    windows = [r["window"] for r in read_jsonl(str(tmp_path / "run" / "log.txt")) if "loss" in r and "epoch" not in r]
+    assert windows == [3, 3, 2]
+
+
+def test_clipped_steps_are_logged_per_window_and_as_a_share_of_the_run(tmp_path, own_signal_handlers):
+    """grad_norm (clip_grad_norm_'s result) above --clip-grad counts as clipped, a non-finite one too; the meta's
+    share weights each window by its iterations: 2 clipped of 8 steps."""
+    run, loader = tiny_run(run_args(tmp_path / "run", print_freq=3, clip_grad=1.0))
+    norms = [0.5, 2.0, 1.0, 0.3, float("inf"), 0.9, 0.1, 0.2]  # clipped: 2.0 and inf (1.0 is not above the clip)
+    for it, x in run.batches(loader):
+        loss = ((run.model(x) - 1) ** 2).mean()
+        run.log_losses({"loss": loss}, loss, 0.0, grad_norm=torch.tensor(norms[it]))
+    clipped = [r["clipped"] for r in read_jsonl(str(tmp_path / "run" / "log.txt")) if "clipped" in r]
+    assert clipped == pytest.approx([1 / 3, 1 / 3, 0.0])
+    assert run.compute_meta()["clipped_share"] == 0.25
 
 
 def test_flop_counter_counts_around_autograd_grad():
