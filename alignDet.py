@@ -62,6 +62,7 @@ from common.detectors import (FINAL_LAYERS, add_detector_args, add_pad_multiple_
 from common.engine import Run, targets_to
 from common.loader import aspect_groups, build_train_loader
 from common.optim import LR_1X, lr_at, param_groups, scaled_lr, schedule_1x, set_lr, warmup_help, warmup_iters
+from common.pretext import contrastive_measures
 from common.rundir import prepare_output_dir
 from common.transforms import PRESETS, to_float_batch, train_augment, train_resize
 
@@ -334,26 +335,30 @@ def box_contrastive_loss(queries, query_ids, keys, key_ids, temperature=0.5):
     queries, K = its n keys (K = Q, detached, if the teacher has none), negatives = every online and
     teacher sample of another id (background included), detached. All L2-normalised; each (query, key)
     pair gives -log softmax([q.k, q.n_1, ..., q.n_N] / T)[0]; mean over the m*n pairs, then over the ids.
+    Returns (loss, measures): the loss and its progress against chance (common.pretext: contrast_chance,
+    contrast_vs_chance, contrast_acc1, ...), averaged over the pairs as the loss is.
     """
     q, k = F.normalize(queries.float(), dim=1), F.normalize(keys.float(), dim=1)
     is_query = query_ids > 0
     qp, qp_ids = q[is_query], query_ids[is_query]  # [M, D], [M]
     if len(qp_ids) == 0:
-        return queries.sum() * 0.0  # no pseudo-box sample in this batch: zero, but keeps the graph
+        return queries.sum() * 0.0, {}  # no pseudo-box sample in this batch: zero, but keeps the graph
     bank = torch.cat([q.detach(), k])  # [Nq+Nk, D]: online samples, then teacher samples
     bank_ids = torch.cat([query_ids, key_ids])  # [Nq+Nk]
-    sims = qp @ bank.T / temperature  # [M, Nq+Nk]
+    cos = qp @ bank.T  # [M, Nq+Nk]
+    sims = cos / temperature
     same = qp_ids[:, None] == bank_ids[None, :]  # [M, Nq+Nk]
     lse_neg = torch.logsumexp(sims.masked_fill(same, float("-inf")), dim=1)  # [M]: log sum_n exp(q.n / T)
     from_teacher = torch.arange(len(bank_ids), device=sims.device) >= len(query_ids)  # [Nq+Nk]
     positive = same & from_teacher  # keys of the query's id
     has_key = positive.any(dim=1, keepdim=True)  # [M, 1]
     positive |= same & ~from_teacher & ~has_key  # no key for this id: its online queries serve as keys
-    pair_loss = (torch.logaddexp(sims, lse_neg[:, None]) - sims) * positive  # [M, Nq+Nk]: CE, target index 0
-    uniq, inverse = torch.unique(qp_ids, return_inverse=True)  # per-id averaging
-    loss_sum = torch.zeros(len(uniq), device=sims.device).index_add_(0, inverse, pair_loss.sum(1))
-    pairs = torch.zeros(len(uniq), device=sims.device).index_add_(0, inverse, positive.sum(1).float())
-    return (loss_sum / pairs).mean()
+    pair_loss = torch.logaddexp(sims, lse_neg[:, None]) - sims  # [M, Nq+Nk]: CE, target index 0
+    uniq, inverse = torch.unique(qp_ids, return_inverse=True)  # per-id averaging: a pair's weight in the mean
+    pairs = torch.zeros(len(uniq), device=sims.device).index_add_(0, inverse, positive.sum(1).float())  # [L]
+    weight = positive / (pairs[inverse] * len(uniq))[:, None]  # [M, Nq+Nk]: 1 / (pairs of its id x ids)
+    loss = (pair_loss * weight).sum()
+    return loss, contrastive_measures("contrast", loss, cos, positive, ~same, weight)
 
 
 def momentum_at(it, total_iters, base=0.996):
@@ -513,20 +518,21 @@ def main(args):
             queries, query_ids, losses = model(images1, targets1)  # view 1, online: [N, D], [N], regression
             with torch.no_grad():
                 keys, key_ids, _ = teacher.model(images2, targets2)  # view 2, teacher: [N', D], [N']
-            losses["loss_contrast"] = args.align_contrast_weight * box_contrastive_loss(
-                queries, query_ids, keys, key_ids, args.align_temperature)
+            contrast, measures = box_contrastive_loss(queries, query_ids, keys, key_ids, args.align_temperature)
+            losses["loss_contrast"] = args.align_contrast_weight * contrast
         loss = sum(losses.values())
         if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        grad_norm = None
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)  # the norm before clipping
         scaler.step(optimizer)
         scaler.update()
         teacher.update(online, momentum_at(it, total, args.align_ema))  # teacher = m teacher + (1 - m) online
-        run.log_losses(losses, loss, lr)
+        run.log_losses(losses, loss, lr, measures, grad_norm)
 
     # export the online detector in the fine-tune key space, without its final class/box layers
     meta = run.finish(checkpoint.final_state(online.detector, drop=() if args.align_keep_heads else FINAL_LAYERS),

@@ -58,6 +58,7 @@ from common.coco import BadImageError, CocoDetection, resolve_data
 from common.detectors import BACKBONES
 from common.engine import Run
 from common.metrics import FlopCounter
+from common.pretext import soft_target_measures
 from common.loader import SeededDataset, build_train_loader
 from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
@@ -331,6 +332,13 @@ class MontageSet(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.by_group[S]) // 2
 
+    def region_prior(self):
+        """4 x (K+1): the label distribution of the samples each region draws from (region order: S, W, T, S)."""
+        labels = self.index["label"].astype(np.int64)
+        prior = [np.bincount(labels[self.by_group[g]], minlength=self.num_classes + 1) for g in (S, W, T, S)]
+        return torch.tensor(np.stack(prior), dtype=torch.float32) / torch.tensor([[len(self.by_group[g])]
+                                                                                  for g in (S, W, T, S)])
+
     def sample(self, i):
         """Sample i of the cache: an h x w x 3 uint8 view into the memory-mapped file."""
         if self.pixels is None:
@@ -435,27 +443,43 @@ def erf_label_weights(erf, input_masks, cell_region, tau):
     return weights / weights.sum(0)  # sums to 1 already, except where the ERF is all 0: own label only
 
 
-def montage_loss(logits, labels, cell_region, kind="erf", weights=None):
-    """Classification loss of a batch of montages.
+def montage_loss(logits, labels, cell_region, kind="erf", weights=None, region_prior=None):
+    """Classification loss of a batch of montages, and its progress against chance.
 
     logits: B x (K+1) x h x w; labels: B x 4 (region order, 0 = background); cell_region: h x w region
-    index of each position; weights: 4 x h x w soft-label weights (kind "erf").
+    index of each position; weights: 4 x h x w soft-label weights (kind "erf"); region_prior: 4 x (K+1), the
+    label distribution of each region's samples (MontageSet.region_prior; default uniform).
     erf: soft cross-entropy at every position, averaged per region, then over regions and images;
     blockwise: region-averaged logits (= region-pooled features through the 1x1 conv), one CE per region;
-    global: image-averaged logits against the area-weighted mix of the 4 labels."""
+    global: image-averaged logits against the area-weighted mix of the 4 labels.
+    Returns (loss, measures): cls_chance is the loss of the best prediction that ignores the image (at each
+    position, its target mixed from the region priors instead of the labels), cls_floor the targets' entropy
+    (common.pretext)."""
+    B, C = logits.shape[:2]
     logits = logits.float()
-    onehot = F.one_hot(labels, logits.shape[1]).float()  # B x 4 x (K+1)
+    onehot = F.one_hot(labels, C).float()  # B x 4 x (K+1)
+    prior = torch.full((4, C), 1 / C, device=logits.device) if region_prior is None else region_prior.float()
     cells = F.one_hot(cell_region, 4).permute(2, 0, 1).float()  # 4 x h x w
     area = cells.sum((1, 2))  # 4: cells per region
     if kind == "erf":
         soft = torch.einsum("ijk,bic->bcjk", weights, onehot)  # B x (K+1) x h x w: Eq. 1
         loss_map = -(soft * F.log_softmax(logits, 1)).sum(1)  # B x h x w
-        return (torch.einsum("bjk,ijk->bi", loss_map, cells) / area).mean()  # mean over B x 4 region losses
-    if kind == "blockwise":
+        loss = (torch.einsum("bjk,ijk->bi", loss_map, cells) / area).mean()  # mean over B x 4 region losses
+        position_weight = (cells / area[:, None, None]).sum(0).flatten() / (4 * B)  # h*w: each position's share
+        targets = soft.permute(0, 2, 3, 1).reshape(-1, C)  # B*h*w x (K+1)
+        blind = torch.einsum("ijk,ic->jkc", weights, prior).reshape(-1, C).repeat(B, 1)  # the same, from priors
+        weight = position_weight.repeat(B)
+    elif kind == "blockwise":
         pooled = torch.einsum("bcjk,ijk->bic", logits, cells) / area[:, None]  # B x 4 x (K+1)
-        return F.cross_entropy(pooled.flatten(0, 1), labels.flatten())
-    soft = torch.einsum("i,bic->bc", area / area.sum(), onehot)  # B x (K+1)
-    return -(soft * F.log_softmax(logits.mean((2, 3)), 1)).sum(1).mean()
+        loss = F.cross_entropy(pooled.flatten(0, 1), labels.flatten())
+        targets, blind = onehot.flatten(0, 1), prior.repeat(B, 1)  # B*4 x (K+1)
+        weight = torch.full((4 * B,), 1 / (4 * B), device=logits.device)
+    else:
+        mix = area / area.sum()  # 4: each region's share of the image
+        targets = torch.einsum("i,bic->bc", mix, onehot)  # B x (K+1)
+        loss = -(targets * F.log_softmax(logits.mean((2, 3)), 1)).sum(1).mean()
+        blind, weight = (mix @ prior).expand(B, C), torch.full((B,), 1 / B, device=logits.device)
+    return loss, soft_target_measures("cls", loss, targets, blind, weight)
 
 
 class ErfLabels:
@@ -534,6 +558,7 @@ def main(args):
           f"loss {args.montage_loss}" +
           (f"; stopping at {max_iters} (--max-iters)" if max_iters < args.iters else ""))
     erf = ErfLabels(args.montage_size, args.montage_split, args.montage_tau, device)
+    region_prior = montages.region_prior().to(device)  # the loss's chance level (montage_loss)
     run = Run(args, method="montage", device=device, iters_per_epoch=loader.batch_sampler.batches_per_epoch,
               max_iters=max_iters, samples_per_iter=4 * args.batch_size)
     scaler = torch.amp.GradScaler(device.type, enabled=run.amp == torch.float16)  # loss scaling for fp16 only
@@ -554,19 +579,21 @@ def main(args):
             images = images.contiguous(memory_format=torch.channels_last)
         with run.autocast():
             logits = model(images)  # B x (K+1) x S/32 x S/32
-        losses = {"loss_cls": montage_loss(logits, labels.to(device, non_blocking=True), erf.cell_region,
-                                           args.montage_loss, erf.weights)}
+        loss_cls, measures = montage_loss(logits, labels.to(device, non_blocking=True), erf.cell_region,
+                                          args.montage_loss, erf.weights, region_prior)
+        losses = {"loss_cls": loss_cls}
         loss = sum(losses.values())
         if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        grad_norm = None
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)  # the norm before clipping
         scaler.step(optimizer)
         scaler.update()
-        run.log_losses(losses, loss, lr)
+        run.log_losses(losses, loss, lr, measures, grad_norm)
 
     meta = run.finish(checkpoint.final_state(model_without_ddp, keep=("backbone",)),
                       {"method": "montage", "finetune_recipe": FINETUNE_RECIPE,

@@ -68,6 +68,7 @@ from common.coco import CocoDetection, resolve_data
 from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_head, parts_of
 from common.engine import Run
 from common.loader import build_train_loader
+from common.pretext import contrastive_measures, soft_target_measures
 from common.proposals import load_proposals
 from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
@@ -112,6 +113,9 @@ def get_args_parser(add_help=True):
     g.add_argument("--predet-min-query", type=float, default=8.0, help="min query side in each view (px)")
     g.add_argument("--predet-query-nms", type=float, default=0.5)
     g.add_argument("--predet-crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="MoCo-v2 crop area")
+    g.add_argument("--predet-color-strength", type=float, default=1.0,
+                   help="MoCo-v2's colour ops scaled: jitter magnitudes and the grayscale and blur probabilities x "
+                        "this (1: the paper's; 0: none)")
     g.add_argument("--predet-dim", type=int, default=256, help="D")
     g.add_argument("--predet-crpn-batch", type=int, default=256)
     g.add_argument("--predet-crpn-pos-fraction", type=float, default=0.5)
@@ -182,8 +186,9 @@ class TwoViewsWithQueries:
     def __init__(self, size, num_classes, args, proposals=None):
         self.size, self.num_classes, self.args, self.proposals = size, num_classes, args, proposals
         self.crop = v2.RandomResizedCrop(size, scale=tuple(args.predet_crop_scale))
-        self.photometric = v2.Compose([v2.RandomApply([MocoColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                                       v2.RandomGrayscale(0.2), v2.RandomApply([MocoBlur((0.1, 2.0))], p=0.5)])
+        s = args.predet_color_strength  # 1: MoCo v2's jitter (0.4, 0.4, 0.4, 0.1), grayscale p 0.2, blur p 0.5
+        self.photometric = v2.Compose([v2.RandomApply([MocoColorJitter(0.4 * s, 0.4 * s, 0.4 * s, 0.1 * s)], p=0.8),
+                                       v2.RandomGrayscale(0.2 * s), v2.RandomApply([MocoBlur((0.1, 2.0))], p=0.5 * s)])
 
     def __call__(self, image, target):
         crops = self.sample_crops(image)
@@ -349,11 +354,15 @@ class ContrastiveROIHead(nn.Module):
 class PreDet(nn.Module):
     """Backbone + FPN, the shared classification head and the CRPN / CROI pretext heads (each built only
     when its losses are on). forward(view1, view2 [B, 3, S, S] normalised, queries1/2 lists of [Q_b, 4],
-    cls_targets [B, C]) -> {loss_cls, loss_crpn_cls, loss_crpn_reg, loss_info, loss_croi_reg}."""
+    cls_targets [B, C]) -> (losses {loss_cls, loss_crpn_cls, loss_crpn_reg, loss_info, loss_croi_reg}, measures
+    {cls_chance, cls_floor, cls_vs_chance, info_chance, info_vs_chance, info_acc1, ...}: common.pretext).
+    cls_prior [C]: the training set's mean normalised k-hot target, L_cls's chance level (default uniform)."""
 
-    def __init__(self, args, num_classes):
+    def __init__(self, args, num_classes, cls_prior=None):
         super().__init__()
         self.args = args
+        prior = torch.full((num_classes,), 1 / num_classes) if cls_prior is None else cls_prior
+        self.register_buffer("cls_prior", prior, persistent=False)  # not in the checkpoint
         self.backbone = build_backbone(args.backbone, args.bn, args.trainable_layers, args.init == "imagenet")
         self.cls_head = nn.Linear(256, num_classes) if args.use_cls else None
         sizes = tuple((round(s * args.anchor_scale),) for s in (32, 64, 128, 256, 512))  # = the detector's
@@ -370,11 +379,15 @@ class PreDet(nn.Module):
     def forward(self, view1, view2, queries1, queries2, cls_targets):
         B, size = len(view1), tuple(view1.shape[-2:])
         feats = self.backbone(torch.cat([view1, view2]))  # {'0'..'3', 'pool'}: [2B, 256, H_l, W_l]
-        losses = {}
+        losses, measures = {}, {}
         if self.cls_head is not None:
             losses["loss_cls"] = self.cls_loss(list(feats.values()), cls_targets.repeat(2, 1))
+            t = normalised_targets(cls_targets)  # [n, C]: the same targets at every level and in both views
+            if len(t):
+                measures.update(soft_target_measures("cls", losses["loss_cls"], t, self.cls_prior,
+                                                     torch.full((len(t),), 1 / len(t), device=t.device)))
         if self.crpn is None and self.croi is None:
-            return losses
+            return losses, measures
         f1 = {k: v[:B] for k, v in feats.items()}
         f2 = {k: v[B:] for k, v in feats.items()}
         fq = self.roi_pool(f2, queries2, [size] * B)  # f_q: [sum Q_b, 256, 7, 7], view 2
@@ -384,8 +397,8 @@ class PreDet(nn.Module):
             proposals = [jittered_and_random(q, size, self.args.predet_post_nms) for q in queries1]
         if self.croi is not None:
             self.croi_step(f1, fq, queries1, [torch.cat([p, q]) for p, q in zip(proposals, queries1)],
-                           size, losses)
-        return losses
+                           size, losses, measures)
+        return losses, measures
 
     def cls_loss(self, levels, targets):
         """Mahajan et al.: softmax CE against the k-hot target / its sum, per level, averaged over levels;
@@ -393,7 +406,7 @@ class PreDet(nn.Module):
         has = targets.sum(1) > 0
         if not has.any():
             return levels[0].sum() * 0
-        t = targets[has] / targets[has].sum(1, keepdim=True)  # [n, C]
+        t = normalised_targets(targets)  # [n, C]
         per_level = [-(t * F.log_softmax(self.cls_head(x[has].mean((2, 3))), 1)).sum(1).mean() for x in levels]
         return torch.stack(per_level).mean()
 
@@ -450,8 +463,9 @@ class PreDet(nn.Module):
         keep = batched_nms(boxes[ok], best[ok], level[ok], a.predet_nms)[: a.predet_post_nms]
         return boxes[ok][keep]
 
-    def croi_step(self, f1, fq, queries1, proposals, size, losses):
-        """L_info and L_croi-reg into ``losses``. proposals: per image [P_b, 4] (queries included)."""
+    def croi_step(self, f1, fq, queries1, proposals, size, losses, measures=None):
+        """L_info and L_croi-reg into ``losses``, L_info's progress against chance into ``measures``.
+        proposals: per image [P_b, 4] (queries included)."""
         a = self.args
         pos_boxes, neg_boxes = [], []
         for q, p in zip(queries1, proposals):
@@ -469,19 +483,33 @@ class PreDet(nn.Module):
         b_q, e_q = b_all[:nq].split(n_pos), e_all[:nq].split(n_pos)
         b_p, e_p = b_all[nq:], e_all[nq:]
         per_image = [p + n for p, n in zip(n_pos, n_neg)]
-        info, reg = [], []
+        info, reg, cos = [], [], []
         for i, (bp, ep) in enumerate(zip(b_p.split(per_image), e_p.split(per_image))):
             s_pos = (e_q[i] * ep[: n_pos[i]]).sum(1)  # [Q]: cosine(q, p+_q)
             s_neg = e_q[i] @ ep[n_pos[i]:].T  # [Q, N_neg]
             info.append(info_nce(s_pos, s_neg, a.predet_tau))
+            cos.append(torch.cat([s_pos[:, None], s_neg], 1).detach())  # [Q, 1 + N_neg]: the positive first
             if a.use_croi_reg:
                 target = self.croi_coder.encode_single(queries1[i], pos_boxes[i])  # [Q, 4]: p+ -> q
                 pred = self.croi.deltas(b_q[i], bp[: n_pos[i]])  # [Q, 4]
                 reg.append(F.smooth_l1_loss(pred.float(), target, beta=a.predet_smooth_l1_beta,
                                             reduction="none").sum(1))
         losses["loss_info"] = torch.cat(info).mean()  # mean over the queries of the batch
+        if measures is not None:  # rows padded to the batch's widest; columns: 0 the positive, then negatives
+            cos = torch.cat([F.pad(c, (0, 1 + max(n_neg) - c.shape[1])) for c in cos])  # [sum Q, 1 + max N_neg]
+            cols = torch.arange(cos.shape[1], device=cos.device)
+            negative = (cols[None] >= 1) & (cols[None] <= torch.cat([torch.full((q,), n, device=cos.device)
+                                                                      for q, n in zip(n_pos, n_neg)])[:, None])
+            measures.update(contrastive_measures("info", losses["loss_info"], cos, cols[None] == 0, negative,
+                                                 torch.full_like(cos, 1 / len(cos))))
         if reg:
             losses["loss_croi_reg"] = torch.cat(reg).mean()
+
+
+def normalised_targets(targets):
+    """L_cls's targets: the k-hot rows of images with labels, divided by their sums (Mahajan et al.). [n, C]"""
+    has = targets.sum(1) > 0
+    return targets[has] / targets[has].sum(1, keepdim=True)
 
 
 def jittered_and_random(queries, size, n):
@@ -506,6 +534,8 @@ def check_args(args, device):
         raise cli.UserError("--proposals is read only with --predet-queries proposals")
     if args.proposals and not os.path.isfile(args.proposals):
         raise cli.UserError(f"--proposals {args.proposals}: no such file")
+    if not 0 <= args.predet_color_strength <= 1:
+        raise cli.UserError(f"--predet-color-strength {args.predet_color_strength:g}: expected a value in [0, 1]")
     if args.predet_num_queries < 1:
         raise cli.UserError(f"--predet-num-queries {args.predet_num_queries}: expected a positive integer")
     args.use_cls = not args.predet_no_cls
@@ -541,7 +571,11 @@ def main(args):
                                       collate_fn=collate_views)
 
     # model
-    model = PreDet(args, train_set.num_classes).to(device)
+    khot = torch.zeros(len(train_set.records), train_set.num_classes)  # the images' category sets
+    for i, record in enumerate(train_set.records):
+        khot[i, torch.as_tensor(record["labels"], dtype=torch.long) - 1] = 1.0
+    targets = normalised_targets(khot)  # L_cls's chance: their mean, the best guess that ignores the image
+    model = PreDet(args, train_set.num_classes, targets.mean(0) if len(targets) else None).to(device)
     if args.bn == "syncbn":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if args.channels_last:
@@ -578,18 +612,19 @@ def main(args):
         q1, q2 = ([i[k].to(device) for i in info] for k in ("queries1", "queries2"))
         cls_targets = torch.stack([i["cls_target"] for i in info]).to(device)
         with run.autocast():
-            losses = model(view1, view2, q1, q2, cls_targets)  # loss_cls, loss_crpn_cls/reg, loss_info, ...
+            losses, measures = model(view1, view2, q1, q2, cls_targets)  # loss_cls, ..., loss_info; vs chance
         loss = sum(losses.values())  # all weights 1 (Eq. 1, 2)
         if not run.finite(loss, losses):  # agreed over ranks: skipped (--skip-nonfinite) or the run stops
             continue
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        grad_norm = None
         if args.clip_grad > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip_grad)  # the norm before clipping
         scaler.step(optimizer)
         scaler.update()
-        run.log_losses(losses, loss, lr)
+        run.log_losses(losses, loss, lr, measures, grad_norm)
 
     state = checkpoint.final_state(model_without_ddp, rename=EXPORT)  # in the detector's keys
     run.finish(state, {"method": "predet", "finetune_recipe": FINETUNE_RECIPE,

@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torchvision.ops import roi_align
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,6 +34,46 @@ def shapes(tmp_path_factory):
     synthetic.generate(root, num_train=24, num_val=8, seed=3)
     return ["--train-images", f"{root}/train", "--train-ann", f"{root}/annotations/instances_train.json",
             "--val-images", f"{root}/val", "--val-ann", f"{root}/annotations/instances_val.json"]
+
+
+@pytest.fixture(scope="session")
+def textures(tmp_path_factory):
+    """4 images of smooth random colour texture (every region unlike every other), 168 x 120, each with 8 random
+    boxes (15-45% of a side) annotated as objects: a set on which a box's content tells where it is. Returns
+    (image_dir, ann_file)."""
+    root = tmp_path_factory.mktemp("textures")
+    g = torch.Generator().manual_seed(0)
+    os.makedirs(root / "images")
+    images, annotations, (h, w) = [], [], (120, 168)
+    for i in range(4):
+        x = torch.nn.functional.interpolate(torch.rand(1, 3, h // 10, w // 10, generator=g), size=(h, w),
+                                            mode="bicubic", align_corners=False)
+        Image.fromarray((x[0].clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()).save(root / "images" / f"{i}.png")
+        images.append({"id": i + 1, "file_name": f"{i}.png", "width": w, "height": h})
+        for _ in range(8):
+            bw, bh = ((torch.rand(2, generator=g) * 0.3 + 0.15) * torch.tensor([w, h])).tolist()
+            x0, y0 = (torch.rand(2, generator=g) * torch.tensor([w - bw, h - bh])).tolist()
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": 1 + i % 2,
+                                "bbox": [x0, y0, bw, bh], "area": bw * bh, "iscrowd": 0})
+    with open(root / "annotations.json", "w") as f:
+        json.dump({"images": images, "annotations": annotations,
+                   "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}, f)
+    return str(root / "images"), str(root / "annotations.json")
+
+
+def box_contents(image, boxes, mirror=False):
+    """What each box of an image shows: its 7 x 7 RGB crop (RoIAlign), mean-free, unit length ([n, 147]); mirrored
+    left-right if asked (a flipped view shows a box's content mirrored)."""
+    crops = roi_align(image.float()[None], [boxes.float()], output_size=7, aligned=True)  # [n, 3, 7, 7]
+    crops = (crops.flip(-1) if mirror else crops).flatten(1)
+    crops = crops - crops.mean(1, keepdim=True)
+    return crops / crops.norm(dim=1, keepdim=True).clamp(min=1e-6)
+
+
+def content_match(image1, boxes1, image2, boxes2):
+    """[n1, n2] correlation of the boxes' contents across two views, the better of straight and mirrored."""
+    c1 = box_contents(image1, boxes1)
+    return torch.maximum(c1 @ box_contents(image2, boxes2).T, c1 @ box_contents(image2, boxes2, mirror=True).T)
 
 
 def write_scene(root, h, w, boxes, colours):

@@ -9,6 +9,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 
 import pytest
 import torch
@@ -21,9 +22,10 @@ from torchvision.transforms import v2
 import alignDet
 from common import checkpoint, cli, proposals
 from common.detectors import build_detector
-from common.engine import Run
-from common.transforms import train_augment
-from conftest import TINY, iteration_losses, run_script
+from common.coco import CocoDetection
+from common.engine import Run, targets_to
+from common.transforms import to_float_batch, train_augment
+from conftest import TINY, content_match, iteration_losses, run_script
 
 AD = ["--batch-size", "2", "--iters", "40", "--warmup-iters", "5", "--align-dense-samples", "256", "--device", "cpu",
       *TINY]
@@ -70,7 +72,7 @@ def reference_loss(q, q_ids, k, k_ids, t):
 def loss_and_query_grad(q, q_ids, k, k_ids, t):
     """box_contrastive_loss and its gradient w.r.t. the queries (keys given without grad, as the teacher's)."""
     q = q.detach().clone().requires_grad_(True)
-    loss = alignDet.box_contrastive_loss(q, q_ids, k.detach(), k_ids, t)
+    loss, _ = alignDet.box_contrastive_loss(q, q_ids, k.detach(), k_ids, t)
     loss.backward()
     return loss.detach(), q.grad
 
@@ -78,7 +80,7 @@ def loss_and_query_grad(q, q_ids, k, k_ids, t):
 def test_contrastive_loss_equals_hand_computed_infonce():
     q, k = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     for t in (0.5, 0.2):  # one positive at cosine 1, one negative at cosine 0: log(1 + exp(-1 / T))
-        loss = alignDet.box_contrastive_loss(q, torch.tensor([1]), k, torch.tensor([1, 2]), temperature=t)
+        loss, _ = alignDet.box_contrastive_loss(q, torch.tensor([1]), k, torch.tensor([1, 2]), temperature=t)
         assert loss.item() == pytest.approx(math.log(1 + math.exp(-1 / t)), abs=1e-6), t
 
     torch.manual_seed(0)
@@ -90,11 +92,11 @@ def test_contrastive_loss_equals_hand_computed_infonce():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-6)
     ids = torch.arange(1, 13)
-    aligned = alignDet.box_contrastive_loss(q, ids, q.clone(), ids, 0.5)
-    unrelated = alignDet.box_contrastive_loss(q, ids, torch.randn(12, 8), ids, 0.5)
+    aligned, _ = alignDet.box_contrastive_loss(q, ids, q.clone(), ids, 0.5)
+    unrelated, _ = alignDet.box_contrastive_loss(q, ids, torch.randn(12, 8), ids, 0.5)
     assert aligned < unrelated
     background = q.clone().requires_grad_(True)
-    zero = alignDet.box_contrastive_loss(background, torch.zeros(12, dtype=torch.long), k, k_ids, 0.5)
+    zero, _ = alignDet.box_contrastive_loss(background, torch.zeros(12, dtype=torch.long), k, k_ids, 0.5)
     assert zero.item() == 0 and zero.requires_grad  # no anchor: zero, but a graph backward() accepts
 
 
@@ -212,6 +214,60 @@ def test_views_keep_each_box_id_on_the_same_image_region():
     assert flips == {True, False}
     batch = alignDet.collate_views([views[0], views[0]])
     assert [t["ids"].tolist() for t in batch[1]] == [t["ids"].tolist() for t in batch[3]] == [[1, 2, 3], [4, 5, 6]]
+
+
+def test_each_pseudo_box_shows_the_same_content_in_both_views(textures, monkeypatch):
+    """Through the training pipeline (TwoViews with the view transform, collate_views over a batch of 4 images):
+    the pseudo box with id k shows the same content in both views (correlation >= 0.9: the same pixels, resized,
+    perhaps mirrored) and the other ids of the batch another (median correlation < 0.5). A flip or resize that
+    moved an image but not its boxes, or ids that collide across the batch, fails this. The colour ops are off:
+    they move no box."""
+    monkeypatch.setattr(alignDet.RandomColorOp, "transform", lambda self, inpt, params: inpt)
+    views = alignDet.TwoViews(CocoDetection(*textures, keep_empty=False), alignDet.build_view_transform("cpu"), 50)
+    torch.manual_seed(0)
+    same, other = [], []
+    for _ in range(3):
+        images1, targets1, images2, targets2 = alignDet.collate_views([views[i] for i in range(4)])
+        ids1, ids2 = (torch.cat([t["ids"] for t in targets]) for targets in (targets1, targets2))
+        assert len(set(ids1.tolist())) == len(ids1) == 32  # one id per pseudo box of the batch
+        match = torch.cat([torch.cat([content_match(im1, t1["boxes"], im2, t2["boxes"])  # [32, 32] over the batch
+                                      for im2, t2 in zip(images2, targets2)], 1) for im1, t1 in zip(images1, targets1)])
+        same_id = ids1[:, None] == ids2[None]
+        same += match[same_id].tolist()
+        other += match[~same_id].tolist()
+    assert len(same) == 96 and min(same) >= 0.9, sorted(same)[:5]
+    assert statistics.median(other) < 0.5
+
+
+def test_the_easiest_task_learns_identical_views_and_the_teacher_is_the_student(textures):
+    """AlignDet's pretext where it is easiest: the teacher sees the same view and is the student (momentum 0), no
+    regression losses. Retrieval is trivial there from the start (top-1 1.0), but the loss still has to push the
+    other boxes' embeddings apart: within 20 steps on batches of 2 of the 4 images, its measure against chance falls
+    by more than half a nat and ends more than a nat below chance, and the cosine gap (same box minus other boxes,
+    computed from the embeddings, not from the loss) widens by more than 0.4. A loss with the wrong sign, or
+    embeddings that carry no gradient, fail this."""
+    views = alignDet.TwoViews(CocoDetection(*textures, keep_empty=False), v2.Resize((60, 84), antialias=True),
+                              50)  # identical views: a resize and nothing random
+    torch.manual_seed(0)
+    online = alignDet.build_box_domain_model(tiny_args("--roi-batch-size", "16"))
+    teacher = alignDet.EmaTeacher(online)
+    optimizer = torch.optim.SGD([p for p in online.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    measured = []
+    for it in range(20):
+        images1, targets1, images2, targets2 = alignDet.collate_views([views[(2 * it + j) % 4] for j in range(2)])
+        cpu = torch.device("cpu")
+        queries, query_ids, _ = online(to_float_batch(images1, cpu), targets_to(targets1, cpu, keys=("boxes", "ids")))
+        with torch.no_grad():
+            keys, key_ids, _ = teacher.model(to_float_batch(images2, cpu), targets_to(targets2, cpu, keys=("boxes", "ids")))
+        loss, measures = alignDet.box_contrastive_loss(queries, query_ids, keys, key_ids, 0.5)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        teacher.update(online, 0.0)
+        measured.append((measures["contrast_vs_chance"].item(), measures["contrast_cos_gap"].item()))
+    (first, first_gap), (last, last_gap) = ([statistics.fmean(m) for m in zip(*part)] for part in (measured[:4],
+                                                                                                     measured[-4:]))
+    assert last < first - 0.5 and last < -1.0 and last_gap > first_gap + 0.4, measured
 
 
 class StretchEachCall:
@@ -524,8 +580,8 @@ def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal
 
     def loss(*args):
         losses_in.append(args)
-        value = real_loss(*args)
-        return value * float("nan") if len(losses_in) == 2 else value
+        value, measures = real_loss(*args)
+        return (value * float("nan") if len(losses_in) == 2 else value), measures
 
     def finite(self, loss, losses):  # True: the step is taken
         events.append(("step", real_finite(self, loss, losses)))
