@@ -238,12 +238,8 @@ def write_results(runs_dir, expect=(), out_dir=None, claims=(), learned_drop=0.2
     return table, verdicts, records
 
 
-class _Formatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Every flag's default (HelpFormatter), the epilog's lines as written."""
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m common.results", formatter_class=_Formatter,
+    parser = argparse.ArgumentParser(prog="python -m common.results", formatter_class=HelpFormatter,
                                      description="Collect fine-tuning runs into results.md, results.csv, "
                                                  "claims.csv and results.png",
                                      epilog=f"{STATUSES}\n\n{VERDICTS}")
