@@ -110,12 +110,13 @@ DEMO_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 
 DEMO_NOTE = make demo is the smoke and teaching run: no compute-matched scratch, so this table decides no claim \
 	(make demo-claims does: README, protocol v3).
 # The table is a target of its own, made by a sub-make: make runs a line that starts a sub-make also under
-# make -n (the sub-make inherits -n), so that a dry run prints the table's command instead of running it.
+# make -n (the sub-make inherits -n), so that a dry run prints the table's command instead of running it. A
+# failed table (a run failed or unreadable, bad input) fails the pipeline: its status, no closing line.
 demo: install
 	@echo "toy scale: ResNet-18, 128-px synthetic shapes, minutes of CPU. These numbers are NOT paper numbers."
 	OMP_NUM_THREADS=1 $(MAKE) -k -j $(DEMO_JOBS) demo-first; \
 	OMP_NUM_THREADS=1 $(MAKE) -k -j $(DEMO_JOBS) demo-runs; status=$$?; \
-	$(MAKE) demo-table; \
+	$(MAKE) demo-table || exit $$?; \
 	echo "toy scale (ResNet-18, 128 px, tens of iterations on a CPU): these are NOT paper numbers"; exit $$status
 demo-table:
 	$(PY) -m common.results $(D) --expect $(call expect,$(DEMO_ROWS)) --note "$(DEMO_NOTE)"
@@ -208,7 +209,7 @@ CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr
 demo-claims: install
 	@echo "toy protocol v3 (README): 3 seeds, scratch as a curve, compute in FLOPs; about 70 min on 2 cores"
 	OMP_NUM_THREADS=1 $(MAKE) -k -j $(CLAIM_JOBS) claims-runs; status=$$?; \
-	$(MAKE) claims-table; \
+	$(MAKE) claims-table || exit $$?; \
 	echo "toy scale (ResNet-18, 128 px): these are NOT paper numbers"; exit $$status
 claims-table:  # a sub-make of demo-claims, as demo-table
 	$(PY) -m common.results $(CL) --expect $(claim_expect) $(call claim_flags,$(CLAIMS)) --learned-drop 0.2
@@ -263,7 +264,7 @@ COMPARE_ROWS = scratch imagenet direct-p1x direct-p3x montage predet aligndet $(
 COMPARE_CLAIMS = direct-p1x>imagenet direct-p3x>imagenet montage>imagenet predet>imagenet aligndet>imagenet
 
 compare: install
-	$(MAKE) -k compare-runs; status=$$?; $(MAKE) compare-table; exit $$status
+	$(MAKE) -k compare-runs; status=$$?; $(MAKE) compare-table || exit $$?; exit $$status
 compare-runs: $(foreach d,$(call expect,$(COMPARE_ROWS)),$(C)/$(d)/results.json)
 compare-table:  # a sub-make of compare, as demo-table
 	$(PY) -m common.results $(C) --expect $(call expect,$(COMPARE_ROWS)) $(call claim_flags,$(COMPARE_CLAIMS))
@@ -304,3 +305,20 @@ bench: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# A fine-tune's results.json that does not parse (a copy cut short, a crash mid-write of a run from before
+# finetune.py wrote it atomically) is not a finished stage: FORCE makes the stage run again, and its --resume auto
+# evaluates the finished model again (or trains what is missing). Checked with the bootstrap python (stdlib only).
+define json_unparsable
+import json, sys
+for path in sys.argv[1:]:
+    try:
+        json.load(open(path))
+    except (OSError, ValueError):
+        print(path)
+endef
+UNPARSABLE_RESULTS := $(shell $(PYTHON) -c '$(json_unparsable)' $(wildcard $(D)/ft-*/results.json \
+	$(CL)/ft-*/results.json $(C)/ft-*/results.json))
+$(UNPARSABLE_RESULTS): FORCE
+.PHONY: FORCE  # phony, else .SECONDARY (every target) lets a missing FORCE count as made
+FORCE:

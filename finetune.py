@@ -29,12 +29,11 @@ the 4conv1fc head. On a CPU, a run that would take hours says so at start-up (RE
     python finetune.py --data-path /data/coco --init imagenet --eval-only --resume runs/finetune/<run>/checkpoint_last.pth
 """
 import argparse
-import json
 import os
 
 import torch
 
-from common import checkpoint, cli, dist
+from common import atomic, checkpoint, cli, dist
 from common.coco import CocoDetection, resolve_data
 from common.detectors import (add_detector_args, add_pad_multiple_arg, build_detector_from_args, check_detector_args,
                               pad_multiple_for)
@@ -290,8 +289,7 @@ def write_results(args, stats, init_meta, meta, eval_only=False):
                "init_method": init_meta.get("method", args.init), "pretrain": init_meta,
                "finetune": meta, "eval_only": eval_only, "seed": args.seed, **stats}
     if dist.is_main_process():
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        atomic.write_json(results, os.path.join(args.output_dir, "results.json"), indent=1)  # whole or not at all
         print_table(stats)
 
 

@@ -20,14 +20,13 @@ import pickle
 import pickletools
 import random
 import re
-import secrets
 import shutil
 import sys
 
 import numpy as np
 import torch
 
-from common import dist
+from common import atomic, dist
 from common.cli import UserError
 from common.detectors import PART_NAMES, part_of, parts_of
 
@@ -54,29 +53,15 @@ class _Writes:
 
 
 def save(obj, path):
-    """torch.save to a temp file + fsync + rename: the file at ``path`` is always complete. The temporary file
-    is created with mode 0666 less the umask (tempfile.mkstemp would make it 0600, for its owner only). A full
-    disk is one line (UserError) naming the directory, the space the state needs and what is free there."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    while True:
-        tmp = os.path.join(directory, f".tmp-{secrets.token_hex(6)}.pth")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-            break
-        except FileExistsError:
-            continue
+    """torch.save through common.atomic.replacing (temp file + fsync + rename): the file at ``path`` is always
+    complete, its mode follows the umask. A full disk is one line (UserError) naming the directory, the space
+    the state needs and what is free there."""
     writes = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic.replacing(path, "wb") as f:
             writes = _Writes(f)
             torch.save(obj, writes)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         error = e if isinstance(e, OSError) else getattr(writes, "error", None)
         if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
             raise UserError(_no_space(obj, path)) from None

@@ -1,4 +1,4 @@
-"""How the comparison judges its claims (common.results writes them into its table).
+"""How the comparison judges its claims (common.results writes them into its tables).
 
 Every pre-training stage gets a learning check: its pretext's measure against chance (PRETEXT_MEASURE,
 common.pretext) must fall from the first full logged window to the last by more than two windows of one network
@@ -6,12 +6,17 @@ differ, and end below chance; Direct's detection loss, which has no chance level
 fraction). A ``--claim "A > B"`` is judged on
 the per-seed differences of box AP, paired by seed: against B = scratch, A's AP minus that of scratch at A's
 total FLOPs, interpolated linearly in log FLOPs on the same seed's scratch curve (every scratch run of that
-seed, of any length; beyond its longest run the claim is undecidable); otherwise A's AP minus B's. It holds
-when the mean difference exceeds t(0.95, n - 1) x its standard error (a one-sided paired t-test at 5%), the
-smallest difference detectable at the observed spread, which is printed with it. A claim on a row whose
-pretext did not learn (any seed, any stage) is undecidable; one seed decides nothing.
+seed, of any length); otherwise A's AP minus B's. A seed without a usable AP on either side is dropped and
+named. The verdict is one of three outcomes of a one-sided paired t-test at 5%, each printed with n, the 5%
+threshold t(0.95, n-1) x se and the difference the test detects with 80% power, (t(0.95, n-1) + t(0.80, n-1))
+x sd / sqrt(n): "held" (the mean difference exceeds the threshold), "opposite" (it is below minus the
+threshold: A significantly worse) or "inconclusive" (neither). Where there is no verdict, the claim says why in
+one of two words (VERDICTS): "undecidable: <reason>" when the protocol's rules cannot judge it (a pretext that
+did not learn, a cost beyond the seed's longest scratch run, every paired difference equal: a degenerate test),
+"not evaluated: <reason>" when an input is missing (a row without a finished run, fewer than 2 seeds).
 """
 import math
+import re
 import statistics
 
 # The learning check, per pre-training stage, reads its pretext's measure against chance (common.pretext) in the
@@ -25,8 +30,27 @@ PRETEXT_MEASURE = {"montage": ("cls_vs_chance", 0.10), "aligndet": ("contrast_vs
 # fraction). A stage logged before the measures existed (protocol v3 and earlier) is judged by that rule too, on
 # the loss it was judged on then.
 PRETEXT_LOSS = {"direct": "loss", "montage": "loss_cls", "aligndet": "loss_contrast", "predet": "loss_info"}
-# one-sided 95% quantiles of Student's t by degrees of freedom; past 10 the 10's (a little conservative)
+# One-sided quantiles of Student's t by degrees of freedom, t(0.95, df) and t(0.80, df): the one-sided 95% and
+# 80% columns of the usual table of Student's t (e.g. Wikipedia, "Student's t-distribution", table of selected
+# values; the 95% column also in NIST/SEMATECH e-Handbook of Statistical Methods, 1.3.6.7.2), recomputed here from
+# the distribution's CDF (mpmath's regularized incomplete beta) to the 3 decimals shown. Past 10 the 10's: a
+# little conservative (threshold and detectable difference a little larger than exact).
 T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860, 9: 1.833, 10: 1.812}
+T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879}
+# paired differences of APs (numbers <= 1, float64) carry rounding errors near 1e-16: a spread below this is
+# rounding, not seeds, and a t-test on it is degenerate
+SD_ZERO = 1e-12
+# "A > B": two row names (no '<', '>' or '=' in them) around one '>'
+CLAIM = re.compile(r"\s*([^<>=\s](?:[^<>=]*[^<>=\s])?)\s*>\s*([^<>=\s](?:[^<>=]*[^<>=\s])?)\s*")
+VERDICTS = """\
+verdicts of a --claim "A > B" (one-sided paired t-test at 5%, by seed; printed with n, the 5% threshold and
+the difference detectable with 80% power):
+  held                  A's mean AP difference exceeds the threshold t(0.95, n-1) x se
+  opposite              it is below minus the threshold: A significantly worse than B
+  inconclusive          neither: within what the seeds' spread can tell
+  undecidable: REASON   the protocol's rules cannot judge it (a pretext that did not learn, a cost beyond the
+                        longest scratch run, every paired difference equal: a degenerate test)
+  not evaluated: REASON an input is missing (a row without a finished run, fewer than 2 seeds in both rows)"""
 
 
 def stages(meta):
@@ -95,61 +119,108 @@ def scratch_at(curve, flops):
 
 
 def paired_test(diffs):
-    """{"diff": mean, "sd", "n", "detectable": t(0.95, n-1) x standard error, "verdict"} of per-seed differences."""
+    """The one-sided paired t-test at 5% of per-seed differences A - B, both ways: {"diff": their mean, "sd",
+    "n", "threshold": t(0.95, n-1) x se, "detectable": (t(0.95, n-1) + t(0.80, n-1)) x se (the difference found
+    with 80% power), "verdict"}; se = sd / sqrt(n)."""
     n = len(diffs)
+    if n == 0:
+        return {"n": 0, "verdict": "not evaluated: no seed gives an AP on both sides"}
     mean = statistics.fmean(diffs)
     if n < 2:
-        return {"diff": mean, "n": n, "verdict": "undecided: one seed gives no spread (3 seeds: make demo-claims)"}
+        return {"diff": mean, "n": n, "verdict": "not evaluated: one seed gives no spread (a paired test needs 2 "
+                                                 "or more; make demo-claims runs 3)"}
     sd = statistics.stdev(diffs)
-    detectable = T95[min(n - 1, 10)] * sd / math.sqrt(n)
-    return {"diff": mean, "sd": sd, "n": n, "detectable": detectable,
-            "verdict": "held" if mean > detectable else "not held"}
+    if sd <= SD_ZERO:
+        return {"diff": mean, "sd": sd, "n": n, "verdict": f"undecidable: every paired difference is {mean:.3f} "
+                                                           "(sd 0): the t-test is degenerate"}
+    se, df = sd / math.sqrt(n), min(n - 1, 10)
+    threshold, detectable = T95[df] * se, (T95[df] + T80[df]) * se
+    verdict = "held" if mean > threshold else "opposite" if mean < -threshold else "inconclusive"
+    return {"diff": mean, "sd": sd, "n": n, "threshold": threshold, "detectable": detectable, "verdict": verdict}
+
+
+def parse_claim(text):
+    """'A > B' -> (A, B); ValueError for anything else ('A>', '>B', 'A >= B', 'A > A', ...)."""
+    match = CLAIM.fullmatch(text)
+    if not match or match[1] == match[2]:
+        raise ValueError(f"--claim {text!r}: expected two different row names around one '>' (A better than B), "
+                         "e.g. \"direct-p1x > scratch\"")
+    return match[1], match[2]
+
+
+def _unusable(row, run):
+    """Why a seed of ``row`` gives no AP to pair, or None."""
+    if run is None:
+        return f"no {row} run"
+    if run["status"] != "done":
+        return f"{row} {run['status'].split(':')[0]}"
+    return f"{row}'s AP n/a" if run["AP"] is None else None
+
+
+def scratch_curves(runs):
+    """seed -> its scratch curve [(FLOPs, AP)] (every finished scratch run of that seed), or why it is not
+    usable (a scratch run of that seed without a result, an AP or a FLOPs count)."""
+    curves = {}
+    for r in runs:
+        if r["method"] != "scratch" or isinstance(curves.get(r["seed"]), str):
+            continue
+        missing = _unusable(r["row"], r) or (None if r["flops"] is not None else f"{r['row']} has no FLOPs count")
+        if missing:
+            curves[r["seed"]] = f"scratch curve incomplete: {missing}"
+        else:
+            curves.setdefault(r["seed"], []).append((r["flops"], r["AP"]))
+    return curves
+
+
+def _seed_order(seed):
+    return (seed is None, seed or 0)
+
+
+def judge(claim, by_row, curves, checks):
+    """One claim: the module docstring. ``by_row``: row -> seed -> run record (any status); ``checks``: row ->
+    its pretext check, for the rows with a finished run."""
+    a, b = parse_claim(claim)
+    missing = [x for x in (a, b) if x not in checks]
+    if missing:
+        return {"verdict": "not evaluated: " + " and ".join(f"row {x} has no finished run" for x in missing)}
+    unlearned = [f"{x} {checks[x].split(':')[0]}" for x in (a, b) if checks[x].split(":")[0] in
+                 ("did not learn", "not checked")]
+    if unlearned:
+        return {"verdict": "undecidable: the pretext of " + " and ".join(unlearned) + " (its pretext check)"}
+    on_curve = b == "scratch" and any(r["method"] != "scratch" for r in by_row[a].values() if r["status"] == "done")
+    baseline = "scratch at the same FLOPs (same seed's curve)" if on_curve else f"{b}, paired by seed"
+    diffs, seeds, dropped = [], [], []
+    for seed in sorted(set(by_row[a]) | set(by_row[b]), key=_seed_order):
+        run, other = by_row[a].get(seed), by_row[b].get(seed)
+        lacks = _unusable(a, run)
+        if lacks is None and on_curve:
+            curve = curves.get(seed, "no scratch run")
+            lacks = curve if isinstance(curve, str) else None if run["flops"] is not None else f"{a} has no FLOPs count"
+        elif lacks is None:
+            lacks = _unusable(b, other)
+        if lacks:
+            dropped.append(f"{seed}: {lacks}")
+            continue
+        if on_curve:
+            matched = scratch_at(curves[seed], run["flops"])
+            if matched is None:
+                return {"baseline": baseline, "verdict": f"undecidable: {a} (seed {seed}, {run['flops'] / 1e12:.2f} "
+                                                         "TFLOP) costs more than the longest scratch run"}
+        else:
+            matched = other["AP"]
+            if run["flops"] and other["flops"]:
+                baseline = f"{b}, paired by seed (compute ratio {run['flops'] / other['flops']:.2f})"
+        diffs.append(run["AP"] - matched)
+        seeds.append(seed)
+    return dict(paired_test(diffs), baseline=baseline, seeds=seeds, dropped=dropped)
 
 
 def evaluate_claims(runs, table, claims):
-    """[(claim "A > B", {"diff", "sd", "n", "detectable", "baseline", "verdict"})]: module docstring."""
-    done = [r for r in runs if r["status"] == "done"]
+    """[(claim "A > B", {"diff", "sd", "n", "threshold", "detectable", "baseline", "seeds", "dropped",
+    "verdict"})] in the order given; ``runs``: every run's record (common.runs), ``table``: the table's rows."""
     by_row = {}
-    for r in done:
+    for r in runs:
         by_row.setdefault(r["row"], {})[r["seed"]] = r
-    curves = {}  # seed -> [(FLOPs, AP)] of its scratch runs
-    for r in done:
-        if r["method"] == "scratch" and r["flops"] is not None:
-            curves.setdefault(r["seed"], []).append((r["flops"], r["AP"]))
+    curves = scratch_curves(runs)
     checks = {t["row"]: t["pretext check"] for t in table if t["status"] == "done"}
-    out = []
-    for claim in claims:
-        a, b = (side.strip() for side in claim.split(">"))
-        if a not in by_row or b not in by_row:
-            out.append((claim, {"verdict": "not evaluated: " + " and ".join(
-                f"row {x} has no results" for x in (a, b) if x not in by_row)}))
-            continue
-        unlearned = [f"{x} {checks[x].split(':')[0]}" for x in (a, b) if checks[x].split(":")[0] in
-                     ("did not learn", "not checked")]
-        if unlearned:
-            out.append((claim, {"verdict": "undecidable: the pretext of " + " and ".join(unlearned) +
-                                " (its pretext check)"}))
-            continue
-        diffs, baseline = [], ""
-        for seed, run in sorted(by_row[a].items()):
-            if b == "scratch" and run["method"] != "scratch":
-                if run["flops"] is None or seed not in curves:
-                    out.append((claim, {"verdict": f"undecidable: no FLOPs count or no scratch curve for seed {seed}"}))
-                    break
-                matched = scratch_at(curves[seed], run["flops"])
-                if matched is None:
-                    out.append((claim, {"verdict": f"undecidable: {a} (seed {seed}, {run['flops'] / 1e12:.2f} "
-                                                   f"TFLOP) costs more than the longest scratch run"}))
-                    break
-                diffs.append(run["AP"] - matched)
-                baseline = "scratch at the same FLOPs (same seed's curve)"
-            elif seed in by_row[b]:
-                diffs.append(run["AP"] - by_row[b][seed]["AP"])
-                ratio = (run["flops"] / by_row[b][seed]["flops"]) if run["flops"] and by_row[b][seed]["flops"] else None
-                baseline = f"{b}, paired by seed" + (f" (compute ratio {ratio:.2f})" if ratio else "")
-        else:
-            if not diffs:
-                out.append((claim, {"verdict": f"not evaluated: rows {a} and {b} share no seed"}))
-            else:
-                out.append((claim, dict(paired_test(diffs), baseline=baseline)))
-    return out
+    return [(claim, judge(claim, by_row, curves, checks)) for claim in claims]

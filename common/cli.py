@@ -26,9 +26,10 @@ class Unavailable(UserError):
     reported as skipped, with the reason, rather than as failed."""
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the default of every flag that has one, also of flags without a help text (argparse's
-    ArgumentDefaultsHelpFormatter skips those); None and on/off switches show none (it would say nothing)."""
+    ArgumentDefaultsHelpFormatter skips those); None and on/off switches show none (it would say nothing). A
+    description or epilog keeps its lines as written (e.g. the table of words that common.results defines)."""
 
     def _shows_default(self, action):
         return (action.option_strings and action.default not in (None, argparse.SUPPRESS)

@@ -32,14 +32,13 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 
 import numpy as np
 import torch
 from torchvision.ops import box_convert, clip_boxes_to_image, nms
 from tqdm import tqdm
 
-from common import cli
+from common import atomic, cli
 from common.cli import UserError
 from common.coco import load_coco_json, read_rgb, resolve_data
 
@@ -154,7 +153,7 @@ def process_shard(job):
     for im in images:
         boxes, rule = image_proposals(image_dir, im, settings)
         result[str(im["id"])] = {"boxes": boxes, "rule": rule}
-    atomic_write_json(result, os.path.join(parts_dir, f"shard_{index:06d}.json"))
+    atomic.write_json(result, os.path.join(parts_dir, f"shard_{index:06d}.json"))
     return len(images)
 
 
@@ -167,21 +166,6 @@ def worker_pool(processes):
         return multiprocessing.get_context("spawn").Pool(processes)
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def atomic_write_json(obj, path):
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def generate(image_dir, ann_file, out, settings, workers=1, shard_size=64):
@@ -201,7 +185,7 @@ def generate(image_dir, ann_file, out, settings, workers=1, shard_size=64):
                 raise UserError(f"{parts_dir}: holds an interrupted run with other settings or data; delete "
                                 "it (or pass --overwrite) to start over")
     else:
-        atomic_write_json(key, settings_file)
+        atomic.write_json(key, settings_file)
     shards = [images[i:i + shard_size] for i in range(0, len(images), shard_size)]
     todo = [(i, s, image_dir, settings, parts_dir) for i, s in enumerate(shards)
             if not os.path.exists(os.path.join(parts_dir, f"shard_{i:06d}.json"))]
@@ -239,7 +223,7 @@ def merge_shards(images, shards, parts_dir, out, settings):
             "images": len(images), "proposals": len(annotations),
             "images_with_fallback_filter": rules["ratio_only"] + rules["min_size_only"],
             "images_without_proposals": rules["none"]}
-    atomic_write_json({"info": info, "images": images, "annotations": annotations,
+    atomic.write_json({"info": info, "images": images, "annotations": annotations,
                        "categories": [{"id": 1, "name": "proposal"}]}, out)
     shutil.rmtree(parts_dir)
     return info

@@ -118,3 +118,18 @@ def test_mask_head_lr_multiplier_reaches_the_optimizer():
         assert len(in_mask) == 1  # a group holds mask-head parameters only, or none
         assert group["lr"] == pytest.approx(0.04 if in_mask == {True} else 0.01)
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_results_json_is_written_whole_or_not_at_all(tmp_path):
+    """A write that fails half-way (here a stat json cannot encode, after the others were written) leaves the
+    previous results.json as it was and no temporary file: the file was truncated and half-written in place,
+    which make then took for a finished stage."""
+    args = finetune.get_args_parser().parse_args(["--init", "scratch", "--output-dir", str(tmp_path)])
+    path = tmp_path / "results.json"
+    path.write_text('{"previous": true}')
+    stats = {"bbox": {"AP": 0.25, "AP50": 0.5}, "images": 8, "seconds": 1.0, "later": object()}
+    with pytest.raises(TypeError):
+        finetune.write_results(args, stats, {}, {"method": "finetune"})
+    assert path.read_text() == '{"previous": true}' and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    finetune.write_results(args, {k: v for k, v in stats.items() if k != "later"}, {}, {"method": "finetune"})
+    assert json.loads(path.read_text())["bbox"] == {"AP": 0.25, "AP50": 0.5}

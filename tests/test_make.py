@@ -109,3 +109,64 @@ def _logged(run_dir):
         return iteration_losses(run_dir)
     except (OSError, ValueError):
         return {}
+
+
+FAKE_PYTHON = """#!/bin/sh
+# every stage leaves the file make waits for; the table exits with $TABLE_STATUS
+echo "$*" >> "$MARKS"
+prev=""
+for a in "$@"; do
+    case "$prev" in --output-dir|--out) out="$a";; esac
+    prev="$a"
+done
+case "$*" in
+    *common.results*) exit "$TABLE_STATUS";;
+    *common.synthetic*) mkdir -p "$out/annotations" && touch "$out/annotations/instances_val.json";;
+    *common.proposals*) mkdir -p "$(dirname "$out")" && touch "$out";;
+    *finetune.py*) mkdir -p "$out" && echo '{}' > "$out/results.json";;
+    *) mkdir -p "$out" && touch "$out/model_final.pth";;
+esac
+"""
+CLOSING = {"demo": "toy scale (ResNet-18, 128 px, tens of iterations on a CPU): these are NOT paper numbers",
+           "demo-claims": "toy scale (ResNet-18, 128 px): these are NOT paper numbers", "compare": None}
+
+
+@pytest.mark.parametrize("goal", ["demo", "demo-claims", "compare"])
+def test_a_pipeline_exits_with_its_tables_status_and_says_nothing_after_a_failed_table(tmp_path, goal):
+    """Every stage runs (a python that only leaves each stage's file), then the table: when it fails, so does the
+    pipeline, without its closing line; when it passes, the pipeline does too, with it."""
+    venv, data = tmp_path / "venv", tmp_path / "coco"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(FAKE_PYTHON)
+    (venv / "bin" / "python").chmod(0o755)
+    (venv / ".installed").touch()
+    data.mkdir()
+    (data / "annotations.json").touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES")}
+    env.update(MARKS=str(tmp_path / "marks"), CUDA_VISIBLE_DEVICES="0")
+    flags = [f"VENV={venv}", f"OUT={tmp_path}/out", f"DATA={data}", "NGPU=1", f"DATA_CACHE={tmp_path}/cache",
+             f"SHAPES={tmp_path}/cache/shapes/annotations/instances_val.json"]
+    for table_status in (1, 0):
+        env["TABLE_STATUS"] = str(table_status)
+        proc = subprocess.run(["make", "--no-print-directory", goal, *flags], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert (proc.returncode != 0) == (table_status != 0), (table_status, proc.stdout[-2000:], proc.stderr[-2000:])
+        if CLOSING[goal]:
+            assert (CLOSING[goal] in proc.stdout.splitlines()) == (table_status == 0), (table_status, proc.stdout)
+    marks = (tmp_path / "marks").read_text()
+    assert marks.count("-m common.results") == 2 and marks.count("finetune.py") >= 7
+
+
+def test_a_results_json_that_does_not_parse_is_not_a_finished_stage(tmp_path):
+    """A copy cut short or a crash mid-write of a run from before results.json was written atomically: make runs
+    the fine-tune again (--resume auto evaluates it again); a whole results.json, even one the table cannot use
+    (that is the table's row to say), counts as done."""
+    demo = tmp_path / "demo"
+    for name, text in (("ft-scratch-s0", '{"bbox": {"AP": 0.3'), ("ft-montage-s0", "[1, 2]")):
+        (demo / name).mkdir(parents=True)
+        (demo / name / "results.json").write_text(text)
+        (demo / name.removeprefix("ft-")).mkdir()
+        (demo / name.removeprefix("ft-") / "model_final.pth").touch()
+    plan = make("demo-runs", f"OUT={tmp_path}").stdout
+    assert f"--init scratch --seed 0 --output-dir {demo}/ft-scratch-s0 --resume auto" in plan
+    assert f"--output-dir {demo}/ft-montage-s0 " not in plan
