@@ -102,6 +102,8 @@ def get_args_parser(add_help=True):
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--iters", type=int, default=None, help="train this many iterations instead of epochs")
+    g.add_argument("--predet-lr-steps", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8],
+                   help="fractions of the run after which lr x0.1 (paper: four uniform steps)")
     g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(1000))
     g.add_argument("--preset", default="480", choices=sorted(SIZES), help="view size: 480 or cpu (128)")
     # PreDet specific
@@ -536,6 +538,10 @@ def check_args(args, device):
         raise cli.UserError(f"--proposals {args.proposals}: no such file")
     if not 0 <= args.predet_color_strength <= 1:
         raise cli.UserError(f"--predet-color-strength {args.predet_color_strength:g}: expected a value in [0, 1]")
+    steps = args.predet_lr_steps
+    if sorted(steps) != steps or not all(0 < f < 1 for f in steps):
+        raise cli.UserError(f"--predet-lr-steps {' '.join(map(str, steps))}: expected increasing fractions of the "
+                            "run in (0, 1)")
     if args.predet_num_queries < 1:
         raise cli.UserError(f"--predet-num-queries {args.predet_num_queries}: expected a positive integer")
     args.use_cls = not args.predet_no_cls
@@ -590,7 +596,7 @@ def main(args):
                                 momentum=args.momentum)
     iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
     total = args.iters or args.epochs * iters_per_epoch
-    lr_steps = [round(total * k / 5) for k in range(1, 5)]
+    lr_steps = [round(total * f) for f in args.predet_lr_steps]
     max_iters = min(total, args.max_iters or total)
     # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
     args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 1000, total)

@@ -128,10 +128,13 @@ def flag_change(dest, old, new):
 # given equal to the run's is no change; in a checkpoint written before the scripts did, None (the script's
 # default then), which is not compared: such a run stays resumable.
 RESOLVED_BY_THE_SCRIPT = ("lr", "warmup_iters")
+# flags added after runs had been written: a checkpoint without one ran as this value does
+ADDED_FLAGS = {"predet_color_strength": 1.0, "predet_lr_steps": [0.2, 0.4, 0.6, 0.8]}
 
 
 def changed_flags(old, new):
     """{dest: [old value, new value]} of the flags that differ (a flag missing on one side is None there)."""
+    old = {**{k: v for k, v in ADDED_FLAGS.items() if k in new}, **old}
     return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
             and not (k in RESOLVED_BY_THE_SCRIPT and old.get(k) is None)}
 

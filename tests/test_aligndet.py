@@ -20,7 +20,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.transforms import v2
 
 import alignDet
-from common import checkpoint, cli, proposals
+from common import checkpoint, claims, cli, proposals
 from common.detectors import build_detector
 from common.coco import CocoDetection
 from common.engine import Run, targets_to
@@ -534,6 +534,8 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     assert final["meta"]["parts"] == ["backbone", "fpn", "rpn", "box_head"]
     assert final["meta"]["method"] == "aligndet" and final["meta"]["iterations"] == 3
     assert final["meta"]["images_seen"] == 6 and "device_hours" in final["meta"]
+    key, _ = claims.PRETEXT_MEASURE["aligndet"]  # the learning check reads what the script logs
+    assert key in final["meta"]["losses_first"] and key in final["meta"]["losses_last"]
     for k, v in final["model"].items():
         if k.startswith("backbone.body."):
             assert torch.equal(v, source[k]), k  # frozen: exactly the image-domain weights

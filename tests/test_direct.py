@@ -15,7 +15,7 @@ from torchvision import tv_tensors
 from torchvision.ops import FrozenBatchNorm2d
 
 import direct
-from common import cli
+from common import claims, cli
 from common.coco import CocoDetection
 from conftest import ROOT, SMALL, TINY, iteration_losses, run_script, write_scene
 
@@ -345,6 +345,7 @@ def test_resume_continues_with_identical_losses_and_fixed_lr(shapes, tmp_path):
     assert [lrs[i] for i in (3, 4, 5)] == pytest.approx([0.0025] * 3)
     meta = torch.load(os.path.join(part, "model_final.pth"), weights_only=True)["meta"]
     assert (meta["method"], meta["iterations"], meta["images_seen"]) == ("direct", 5, 10)
+    assert claims.PRETEXT_LOSS["direct"] in meta["losses_last"]  # the learning check reads what the script logs
 
 
 def test_finetune_loads_the_whole_pretrained_detector_with_frozen_bn(shapes, tmp_path):

@@ -16,6 +16,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 import montage
+from common import claims
 from common.cli import UserError
 from common.coco import DataSpec
 from conftest import iteration_losses, run_script
@@ -492,6 +493,8 @@ def test_pretrained_backbone_loads_into_finetune(shapes, tmp_path):
     meta = final["meta"]
     assert meta["method"] == "montage" and meta["backbone"] == "resnet18" and meta["parts"] == ["backbone"]
     assert meta["iterations"] == 2 and meta["images_seen"] == 2 * 4 * 4 and meta["device_hours"] > 0
+    key, _ = claims.PRETEXT_MEASURE["montage"]  # the learning check reads what the script logs
+    assert key in meta["losses_first"] and key in meta["losses_last"]
     assert all(k.startswith("backbone.body.") for k in final["model"])
     proc = run_script("finetune.py", "--detector", "fasterrcnn", "--init", f"{out}/model_final.pth",
                       "--backbone", "resnet18", "--preset", "cpu", "--anchor-scale", "0.5", "--batch-size", "2",

@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import tv_tensors
 
+import numpy as np
 import predet
-from common import checkpoint, cli
+from PIL import Image
+from common import checkpoint, claims, cli, rundir
 from common.coco import CocoDetection
 from common.transforms import normalize
 from conftest import TINY, content_match, iteration_losses, run_script
@@ -801,12 +803,43 @@ def test_ablation_flags_export_only_the_trained_parts(shapes, tmp_path):
     assert "loss_info" in log[0] and "loss_crpn_cls" not in log[0] and "loss_croi_reg" not in log[0]
     meta = torch.load(tmp_path / "a" / "model_final.pth", weights_only=True)["meta"]
     assert meta["parts"] == ["backbone", "fpn", "box_head"]
+    # what the learning check reads is what the script logs (common.claims)
+    key, _ = claims.PRETEXT_MEASURE["predet"]
+    assert key in meta["losses_first"] and key in meta["losses_last"]
+    assert claims.pretext_checks(meta, 0.2)[0][1].startswith(f"predet {key}")
+
+
+def test_a_checkpoint_from_before_the_augmentation_and_schedule_flags_resumes_as_their_defaults():
+    """--predet-color-strength and --predet-lr-steps came after runs had been written: a checkpoint without them ran
+    as their defaults do, so resuming it with those is no change (rundir.ADDED_FLAGS), another value is."""
+    new = vars(parse())
+    old = {k: v for k, v in new.items() if k not in ("predet_color_strength", "predet_lr_steps")}
+    assert rundir.changed_flags(old, new) == {}
+    assert rundir.changed_flags(old, vars(parse("--predet-color-strength", "0.5"))) == {
+        "predet_color_strength": [1.0, 0.5]}
+
+
+def test_color_strength_scales_moco_v2s_colour_ops():
+    """1: MoCo v2's jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, blur p 0.5; 0.5 halves each; 0 leaves
+    every view's colours as they are."""
+    def settings(strength):
+        jitter, gray, blur = predet.TwoViewsWithQueries(64, 3, parse("--predet-color-strength", strength)
+                                                         ).photometric.transforms
+        j = jitter.transforms[0]
+        return [*j.brightness, *j.contrast, *j.saturation, *j.hue, jitter.p, gray.p, blur.p]
+    assert settings("1") == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.6, 1.4, -0.1, 0.1, 0.8, 0.2, 0.5])
+    assert settings("0.5") == pytest.approx([0.8, 1.2, 0.8, 1.2, 0.8, 1.2, -0.05, 0.05, 0.8, 0.1, 0.25])
+    image = Image.fromarray(torch.randint(0, 256, (20, 30, 3), dtype=torch.uint8).numpy())
+    off = predet.TwoViewsWithQueries(64, 3, parse("--predet-color-strength", "0")).photometric
+    assert all((np.asarray(off(image)) == np.asarray(image)).all() for _ in range(10))
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--backbone", "vgg16"], "--backbone vgg16: unknown backbone"),
     (["--predet-queries", "proposals"], "--predet-queries proposals needs --proposals FILE"),
     (["--predet-no-cls", "--predet-no-det"], "every loss term is switched off"),
+    (["--predet-color-strength", "1.5"], "--predet-color-strength 1.5: expected a value in [0, 1]"),
+    (["--predet-lr-steps", "0.8", "0.4"], "--predet-lr-steps 0.8 0.4: expected increasing fractions of the run"),
 ])
 def test_user_errors_are_one_line(shapes, tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:  # in-process: these checks come before any data or model
