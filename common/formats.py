@@ -25,7 +25,7 @@ from common.detectors import FINAL_LAYERS, part_of
 FORMATS = ("torchvision", "timm", "detectron2", "mmdet")
 FOR_RCNN = "R-CNN detectors (Faster / Mask R-CNN on a P2-P6 FPN, box head 4conv1fc or 2fc)"
 
-DETECTRON2 = (  # torchvision -> detectron2 (v0.6; modeling/...), each group's source beside it
+DETECTRON2 = (  # torchvision -> detectron2 (detectron2/modeling/...), each group's source beside it
     # backbone/resnet.py: BasicStem 'stem'; stages 'res2'..'res5'; a block's norm inside its conv; 'shortcut'
     ("backbone.body.conv1.weight", "backbone.bottom_up.stem.conv1.weight"),
     ("backbone.body.bn1.*", "backbone.bottom_up.stem.conv1.norm.*"),
