@@ -1,10 +1,10 @@
 """Fine-tune and evaluate: the one protocol every pre-training method of this repo ends in.
 
 Builds a torchvision detector (Faster R-CNN, Mask R-CNN, RetinaNet or FCOS on a ResNet-FPN), starts it
-from ``--init scratch | imagenet | PATH`` (PATH = any model_final.pth of this repo: its per-part
-transfer report is printed), trains it with the standard COCO recipe and evaluates it with COCOeval
-(bbox, and segm for Mask R-CNN). Writes results.json, log.txt, TensorBoard scalars and model_final.pth
-to ``--output-dir`` (default runs/finetune/<detector>_<backbone>_<init>).
+from ``--init scratch | imagenet | PATH`` (PATH = any model_final.pth of this repo, or the weights of another
+framework: common.formats; its per-part transfer report is printed), trains it with the standard COCO recipe
+and evaluates it with COCOeval (bbox, and segm for Mask R-CNN). Writes results.json, log.txt, TensorBoard
+scalars and model_final.pth to ``--output-dir`` (default runs/finetune/<detector>_<backbone>_<init>).
 
 Defaults are the 1x recipe on 8 GPUs x 2 images: SGD momentum 0.9, weight decay 1e-4, lr 0.02 for the
 R-CNNs and 0.01 for RetinaNet/FCOS at global batch 16, scaled linearly to other batches
@@ -58,7 +58,8 @@ def get_args_parser(add_help=True):
         if action.dest in DEFAULT_ARCHITECTURE:
             action.help += f" (default: --init's, from its meta; else {DEFAULT_ARCHITECTURE[action.dest]})"
     g = parser.add_argument_group("fine-tuning")
-    g.add_argument("--init", default="imagenet", help="scratch | imagenet | PATH to a model_final.pth")
+    g.add_argument("--init", default="imagenet", help="scratch | imagenet | PATH to a model_final.pth, a torchvision / "
+                   "timm ResNet state dict, a detectron2 .pkl (MoCo's layout) or an MMDetection checkpoint")
     g.add_argument("--init-partial", action="store_true",
                    help="load the keys of --init that fit this model and leave the rest fresh")
     g.add_argument("--protocol", default="paper", choices=["paper", "common"],

@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import torch
 
-from common import atomic, dist
+from common import atomic, dist, formats
 from common.cli import UserError
 from common.detectors import PART_NAMES, part_of, parts_of
 
@@ -52,27 +52,28 @@ class _Writes:
             self.f.flush()
 
 
-def save(obj, path):
-    """torch.save through common.atomic.replacing (temp file + fsync + rename): the file at ``path`` is always
-    complete, its mode follows the umask. A full disk is one line (UserError) naming the directory, the space
-    the state needs and what is free there."""
+def save(obj, path, dump=None):
+    """``dump`` (default torch.save; pickle.dump for a .pkl) through common.atomic.replacing (temp file + fsync +
+    rename): the file at ``path`` is always complete, its mode follows the umask. A full disk is one line
+    (UserError) naming the directory, the space the state needs and what is free there."""
+    dump = dump or torch.save
     writes = None
     try:
         with atomic.replacing(path, "wb") as f:
             writes = _Writes(f)
-            torch.save(obj, writes)
+            dump(obj, writes)
     except BaseException as e:
         error = e if isinstance(e, OSError) else getattr(writes, "error", None)
         if getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(_no_space(obj, path)) from None
+            raise UserError(_no_space(obj, path, dump)) from None
         raise
 
 
-def _no_space(obj, path):
+def _no_space(obj, path, dump):
     """The line of a save that found no space: the directory, the size of the state (serialised again, into
     nothing), the space free there, and that the previous file is intact."""
     counter = _Writes()
-    torch.save(obj, counter)
+    dump(obj, counter)
     directory, name = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
     left = f"the previous {name} is intact" if os.path.exists(path) else f"{name} was not written"
     return (f"{directory}: no space left on the device: {name} needs {_size(counter.size)} (the state being "
@@ -86,9 +87,31 @@ def _size(n):
 
 def load(path, kind=None):
     """Loads a checkpoint (weights_only=True, memory-mapped; a file in torch's legacy non-zip format, which
-    cannot be, without) and checks it is of the expected kind ('final'/'train_state')."""
+    cannot be, without) and checks it is of the expected kind ('final'/'train_state'). Weights of another
+    framework (a torchvision / timm ResNet, a detectron2 .pkl, an MMDetection checkpoint) come as a 'final'
+    checkpoint in this repository's names (common.formats)."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
+    if path.endswith(".pkl"):  # detectron2's weights, told by the name as its DetectionCheckpointer does
+        state, data = formats.read_pkl(path)
+        obj = formats.import_state(state, "detectron2", data.get("meta"), f"a detectron2 .pkl (author: "
+                                   f"{data['__author__']})")
+    else:
+        obj = _torch_load(path)
+    if isinstance(obj, dict) and "kind" not in obj:
+        obj = formats.read_foreign(obj) or obj
+    if not isinstance(obj, dict) or obj.get("kind") not in ("final", "train_state"):
+        raise UserError(f"{path}: not a checkpoint of this repository (no 'kind' entry)")
+    if kind == "final" and obj["kind"] == "train_state":
+        raise UserError(f"{path} is a training-state checkpoint (model + optimizer + RNG, for --resume of the "
+                        "run that wrote it); --init expects the model_final.pth a finished run writes")
+    if kind == "train_state" and obj["kind"] == "final":
+        raise UserError(f"{path} is a model_final.pth (weights only, to start another run from with --init); "
+                        "--resume expects a checkpoint_last.pth or checkpoint_<iteration>.pth")
+    return obj
+
+
+def _torch_load(path):
     legacy = _legacy_format(path)  # e.g. torch.save(..., _use_new_zipfile_serialization=False): valid
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=not legacy)
@@ -101,16 +124,6 @@ def load(path, kind=None):
         first_line = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt: "
                         f"{first_line[:100]})") from None
-    if isinstance(obj, dict) and "kind" not in obj and obj and all(torch.is_tensor(v) for v in obj.values()):
-        obj = {"kind": "final", "model": obj, "meta": {}}  # a bare state dict (e.g. torchvision's)
-    if not isinstance(obj, dict) or obj.get("kind") not in ("final", "train_state"):
-        raise UserError(f"{path}: not a checkpoint of this repository (no 'kind' entry)")
-    if kind == "final" and obj["kind"] == "train_state":
-        raise UserError(f"{path} is a training-state checkpoint (model + optimizer + RNG, for --resume of the "
-                        "run that wrote it); --init expects the model_final.pth a finished run writes")
-    if kind == "train_state" and obj["kind"] == "final":
-        raise UserError(f"{path} is a model_final.pth (weights only, to start another run from with --init); "
-                        "--resume expects a checkpoint_last.pth or checkpoint_<iteration>.pth")
     return obj
 
 
@@ -249,6 +262,10 @@ def _describe(meta):
 def print_report(report, path, meta):
     cols = ("loaded", "missing", "shape_mismatch", "unexpected", "not_requested")
     print(f"transfer report for {path} ({_describe(meta)}):")
+    if "imported" in meta:
+        left_out = meta["imported"]["left_out"]
+        print(f"  read as {meta['imported']['format']}: {meta['imported']['renamed']} tensors renamed to this "
+              "repository's (torchvision's) names" + (f"; left out, a classifier: {', '.join(left_out)}" * bool(left_out)))
     print(f"  {'part':<16}" + "".join(f"{c:>15}" for c in cols))
     for part in sorted(report, key=PART_NAMES.index):
         print(f"  {part:<16}" + "".join(f"{report[part][c]:>15}" for c in cols))
