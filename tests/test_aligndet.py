@@ -622,7 +622,7 @@ def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal
     assert sorted(logged) == [1, 3]  # the skipped step is not logged
     for it in (1, 3):
         args = [a.detach() if torch.is_tensor(a) else a for a in losses_in[it - 1]]
-        assert logged[it] == pytest.approx(2 * real_loss(*args).item(), rel=1e-5)
+        assert logged[it] == pytest.approx(2 * real_loss(*args)[0].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("detector, trained, dropped", [
@@ -639,7 +639,8 @@ def test_dense_detectors_pretrain_and_transfer(shapes, tmp_path, detector, train
     # each detector's own terms are logged, and the logged total is their sum
     terms = {"retinanet": ("loss_reg", "loss_contrast"), "fcos": ("loss_reg", "loss_ctr", "loss_contrast")}[detector]
     record = [json.loads(line) for line in open(f"{out}/log.txt") if '"epoch"' not in line]
-    assert len(record) == 1 and set(record[0]) == {"iteration", "loss", "lr", "time", *terms}, record
+    measures = {f"contrast_{m}" for m in ("chance", "vs_chance", "acc1", "acc1_chance", "cos_gap")}
+    assert len(record) == 1 and set(record[0]) == {"iteration", "window", "loss", "lr", "time", *terms, *measures}
     assert record[0]["loss"] == pytest.approx(sum(record[0][k] for k in terms), abs=1e-5)
     model = build_detector(detector, 5, "resnet18")
     report, meta = checkpoint.load_pretrained(model, f"{out}/model_final.pth")
