@@ -16,7 +16,7 @@ and applies the AlignDet fine-tuning protocol (lr x1.5, weight decay x0.5).
 
     python alignDet.py --backbone-weights PATH   # synthetic set; proposals generated on first use
     python alignDet.py --backbone-weights scratch --align-proposal-method random --backbone resnet18 \
-        --preset cpu --anchor-scale 0.5 --rpn-batch-size 64 --roi-batch-size 64 --rpn-post-nms-train 300 \
+        --preset cpu --anchor-scale 0.5 --rpn-batch-size 64 --rpn-post-nms-train 300 \
         --rpn-post-nms-test 100 --batch-size 4 --iters 30 --warmup-iters 10 --workers 2 --device cpu   # CPU demo
     python -m common.proposals --data-path /data/coco --workers 16          # SS proposals, once
     torchrun --standalone --nproc_per_node=8 alignDet.py --data-path /data/coco --detector fasterrcnn
@@ -41,6 +41,9 @@ Choices where the sources are silent or where torchvision differs from mmdet (ea
 - colour op magnitude m ~ randint(1, 10) on 0..10: solarize threshold 256(1 - m/10), posterize to
   8 - round(0.4m) bits, colour/contrast/brightness/sharpness factor 1 +- 0.09m (random sign).
 - the contrastive loss is per GPU (no gather), as the official code.
+Progress is logged against chance (common.pretext): the loss's chance ln(1 + negatives) moves with the number of
+RoIs a view batch samples, so watch contrast_vs_chance (the loss minus it, nats), contrast_acc1 (top-1 retrieval
+of the same box in the other view, beside its chance) and contrast_cos_gap, not the raw loss_contrast.
 """
 import argparse
 import copy

@@ -37,12 +37,18 @@ Choices where the paper is silent (each a flag; defaults in --help):
 - Schedule: the paper's 540k iterations at 1024 views do not fit COCO: 100 COCO epochs, lr 0.2 at 1024 views
   scaled linearly, x0.1 at 1/5..4/5, 1000-iteration warm-up, SGD momentum 0.9, weight decay 1e-4, from
   scratch with plain BN (SyncBN on several GPUs). meta "images_seen" counts images (2 views each).
+- A toy strength of the views for short runs (--predet-crop-scale 0.5 1 --predet-color-strength 0.5: crop area
+  0.5-1, colour ops at half strength): with the paper's, L_info stays near chance for hundreds of iterations at
+  128 px from scratch (RESULTS.md, protocol v4's pilots). Progress is logged against chance (common.pretext):
+  info_vs_chance (L_info minus ln(1 + negatives)), info_acc1 (top-1 lookup), cls_vs_chance (L_cls minus the loss
+  of the label prior).
 The paper's Fig. 5b (IoU vs feature similarity) for any checkpoint: python -m common.similarity CKPT.
 
     python predet.py                                 # synthetic set, defaults (slow on a CPU: use the next one)
     python predet.py --backbone resnet18 --preset cpu --anchor-scale 0.5 --predet-dim 64 --predet-num-queries 8 \\
-        --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 50 --warmup-iters 5 --lr 0.0015625 \\
-        --clip-grad 10 --device cpu --workers 1      # CPU demo (make demo's), ~1.5 min on 2 cores
+        --predet-post-nms 64 --predet-neg 32 --batch-size 4 --iters 100 --warmup-iters 10 --lr 0.0015625 \\
+        --predet-crop-scale 0.5 1 --predet-color-strength 0.5 --clip-grad 10 --device cpu --workers 1
+                                                     # CPU demo (make demo's), ~3 min on 2 cores
     torchrun --nproc_per_node=8 predet.py --data-path /data/coco        # 8 GPUs x 4 images (8 views)
 lr for other GPU counts: 0.2 x (2 x batch-size x NGPU) / 1024.
 """
@@ -68,7 +74,7 @@ from common.coco import CocoDetection, resolve_data
 from common.detectors import BACKBONES, BOX_HEADS, build_backbone, build_box_head, parts_of
 from common.engine import Run
 from common.loader import build_train_loader
-from common.pretext import contrastive_measures, soft_target_measures
+from common.pretext import info_nce_measures, soft_target_measures
 from common.proposals import load_proposals
 from common.optim import lr_at, param_groups, scaled_lr, set_lr, warmup_help, warmup_iters
 from common.rundir import prepare_output_dir
@@ -102,8 +108,6 @@ def get_args_parser(add_help=True):
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--epochs", type=int, default=100)
     g.add_argument("--iters", type=int, default=None, help="train this many iterations instead of epochs")
-    g.add_argument("--predet-lr-steps", type=float, nargs="+", default=[0.2, 0.4, 0.6, 0.8],
-                   help="fractions of the run after which lr x0.1 (paper: four uniform steps)")
     g.add_argument("--warmup-iters", type=int, default=None, help=warmup_help(1000))
     g.add_argument("--preset", default="480", choices=sorted(SIZES), help="view size: 480 or cpu (128)")
     # PreDet specific
@@ -116,8 +120,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--predet-query-nms", type=float, default=0.5)
     g.add_argument("--predet-crop-scale", type=float, nargs=2, default=(0.2, 1.0), help="MoCo-v2 crop area")
     g.add_argument("--predet-color-strength", type=float, default=1.0,
-                   help="MoCo-v2's colour ops scaled: jitter magnitudes and the grayscale and blur probabilities x "
-                        "this (1: the paper's; 0: none)")
+                   help="x MoCo-v2's jitter magnitudes, grayscale and blur probabilities (1: the paper's, 0: none)")
     g.add_argument("--predet-dim", type=int, default=256, help="D")
     g.add_argument("--predet-crpn-batch", type=int, default=256)
     g.add_argument("--predet-crpn-pos-fraction", type=float, default=0.5)
@@ -386,8 +389,7 @@ class PreDet(nn.Module):
             losses["loss_cls"] = self.cls_loss(list(feats.values()), cls_targets.repeat(2, 1))
             t = normalised_targets(cls_targets)  # [n, C]: the same targets at every level and in both views
             if len(t):
-                measures.update(soft_target_measures("cls", losses["loss_cls"], t, self.cls_prior,
-                                                     torch.full((len(t),), 1 / len(t), device=t.device)))
+                measures.update(soft_target_measures("cls", losses["loss_cls"], t, self.cls_prior))
         if self.crpn is None and self.croi is None:
             return losses, measures
         f1 = {k: v[:B] for k, v in feats.items()}
@@ -465,7 +467,7 @@ class PreDet(nn.Module):
         keep = batched_nms(boxes[ok], best[ok], level[ok], a.predet_nms)[: a.predet_post_nms]
         return boxes[ok][keep]
 
-    def croi_step(self, f1, fq, queries1, proposals, size, losses, measures=None):
+    def croi_step(self, f1, fq, queries1, proposals, size, losses, measures):
         """L_info and L_croi-reg into ``losses``, L_info's progress against chance into ``measures``.
         proposals: per image [P_b, 4] (queries included)."""
         a = self.args
@@ -497,13 +499,7 @@ class PreDet(nn.Module):
                 reg.append(F.smooth_l1_loss(pred.float(), target, beta=a.predet_smooth_l1_beta,
                                             reduction="none").sum(1))
         losses["loss_info"] = torch.cat(info).mean()  # mean over the queries of the batch
-        if measures is not None:  # rows padded to the batch's widest; columns: 0 the positive, then negatives
-            cos = torch.cat([F.pad(c, (0, 1 + max(n_neg) - c.shape[1])) for c in cos])  # [sum Q, 1 + max N_neg]
-            cols = torch.arange(cos.shape[1], device=cos.device)
-            negative = (cols[None] >= 1) & (cols[None] <= torch.cat([torch.full((q,), n, device=cos.device)
-                                                                      for q, n in zip(n_pos, n_neg)])[:, None])
-            measures.update(contrastive_measures("info", losses["loss_info"], cos, cols[None] == 0, negative,
-                                                 torch.full_like(cos, 1 / len(cos))))
+        measures.update(info_nce_measures("info", losses["loss_info"], cos))
         if reg:
             losses["loss_croi_reg"] = torch.cat(reg).mean()
 
@@ -538,10 +534,6 @@ def check_args(args, device):
         raise cli.UserError(f"--proposals {args.proposals}: no such file")
     if not 0 <= args.predet_color_strength <= 1:
         raise cli.UserError(f"--predet-color-strength {args.predet_color_strength:g}: expected a value in [0, 1]")
-    steps = args.predet_lr_steps
-    if sorted(steps) != steps or not all(0 < f < 1 for f in steps):
-        raise cli.UserError(f"--predet-lr-steps {' '.join(map(str, steps))}: expected increasing fractions of the "
-                            "run in (0, 1)")
     if args.predet_num_queries < 1:
         raise cli.UserError(f"--predet-num-queries {args.predet_num_queries}: expected a positive integer")
     args.use_cls = not args.predet_no_cls
@@ -596,7 +588,7 @@ def main(args):
                                 momentum=args.momentum)
     iters_per_epoch = train_loader.batch_sampler.batches_per_epoch
     total = args.iters or args.epochs * iters_per_epoch
-    lr_steps = [round(total * f) for f in args.predet_lr_steps]
+    lr_steps = [round(total * k / 5) for k in range(1, 5)]
     max_iters = min(total, args.max_iters or total)
     # the lr and warm-up this run uses, given or not: what a resume compares (common.rundir)
     args.lr, args.warmup_iters = base_lr, warmup_iters(args.warmup_iters, 1000, total)

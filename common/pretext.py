@@ -19,6 +19,7 @@ Every measure is a detached scalar tensor (no host sync); the engine averages th
 does the losses.
 """
 import torch
+import torch.nn.functional as F
 
 
 @torch.no_grad()
@@ -42,13 +43,28 @@ def contrastive_measures(name, loss, cos, positive, negative, weight):
 
 
 @torch.no_grad()
-def soft_target_measures(name, loss, targets, prior, weight):
+def soft_target_measures(name, loss, targets, prior, weight=None):
     """The measures of a soft-target cross-entropy ``loss_<name>``: -sum_c t_c log p_c per sample, averaged.
 
     targets: [n, C] target distributions (rows sum to 1); prior: [n, C] or [C], the best prediction that ignores
-    the image (rows sum to 1); weight: [n], each sample's weight in the loss's mean (summing to 1). Returns
-    {<name>_chance, _floor, _vs_chance}."""
-    targets, weight = targets.float(), weight.float()
+    the image (rows sum to 1); weight: [n], each sample's weight in the loss's mean (summing to 1; default: the
+    plain mean). Returns {<name>_chance, _floor, _vs_chance}."""
+    targets = targets.float()
+    weight = torch.full((len(targets),), 1 / len(targets), device=targets.device) if weight is None else weight.float()
     chance = (weight * -(targets * prior.float().clamp(min=1e-12).log()).sum(1)).sum()
     floor = (weight * -(targets * targets.clamp(min=1e-12).log()).sum(1)).sum()  # 0 log 0 = 0
     return {f"{name}_chance": chance, f"{name}_floor": floor, f"{name}_vs_chance": loss.detach().float() - chance}
+
+
+@torch.no_grad()
+def info_nce_measures(name, loss, rows):
+    """The measures of an InfoNCE loss averaged over all its queries, from the cosine rows of each group of queries
+    (an image), the positive first, then that group's negatives (MoCo's logits layout, before the temperature):
+    rows: a list of [Q_i, 1 + N_i]. The rows are padded to the widest; the padding is neither positive nor
+    negative."""
+    width = max(r.shape[1] for r in rows)
+    cos = torch.cat([F.pad(r, (0, width - r.shape[1])) for r in rows])  # [sum Q_i, width]
+    cols = torch.arange(width, device=cos.device)[None]  # [1, width]
+    ends = torch.cat([torch.full((len(r),), r.shape[1], device=cos.device) for r in rows])[:, None]  # [sum Q_i, 1]
+    return contrastive_measures(name, loss, cos, (cols == 0).expand_as(cos), (cols >= 1) & (cols < ends),
+                                torch.full_like(cos, 1 / len(cos)))

@@ -129,7 +129,7 @@ def flag_change(dest, old, new):
 # default then), which is not compared: such a run stays resumable.
 RESOLVED_BY_THE_SCRIPT = ("lr", "warmup_iters")
 # flags added after runs had been written: a checkpoint without one ran as this value does
-ADDED_FLAGS = {"predet_color_strength": 1.0, "predet_lr_steps": [0.2, 0.4, 0.6, 0.8]}
+ADDED_FLAGS = {"predet_color_strength": 1.0}
 
 
 def changed_flags(old, new):

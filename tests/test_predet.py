@@ -495,7 +495,7 @@ def test_croi_loss_one_positive_per_query_negatives_away_from_every_query(model,
     for seed in range(8):  # the positive and the negatives are drawn at random: the loss must not depend on it
         torch.manual_seed(seed)
         losses = {}
-        model.croi_step({"0": None}, fq, queries, proposals, (100, 160), losses)
+        model.croi_step({"0": None}, fq, queries, proposals, (100, 160), losses, {})
         assert losses["loss_info"].item() == pytest.approx(sum(info) / 3, rel=1e-4), seed
         assert losses["loss_croi_reg"].item() == pytest.approx(sum(reg) / 3, rel=1e-4), seed
         for rois, pos, neg in zip(roi_pool.calls[-1][1], positives, negatives):  # query order, then P_neg
@@ -557,7 +557,7 @@ def test_croi_positive_and_at_most_predet_neg_negatives_are_drawn_at_random_per_
     proposals = [torch.tensor([query, *near, *far]), torch.tensor([query, *near, *far[:5]])]
     torch.manual_seed(0)
     for _ in range(6):
-        model.croi_step({"0": None}, torch.zeros(2, 4), [torch.tensor([query])] * 2, proposals, (100, 200), {})
+        model.croi_step({"0": None}, torch.zeros(2, 4), [torch.tensor([query])] * 2, proposals, (100, 200), {}, {})
     for rois, n_neg in zip(roi_pool.calls[0][1], (16, 5)):
         assert rois[0].tolist() in [query, *near] and len(rois) == 1 + n_neg
         negatives = rois[1:].tolist()
@@ -809,11 +809,11 @@ def test_ablation_flags_export_only_the_trained_parts(shapes, tmp_path):
     assert claims.pretext_checks(meta, 0.2)[0][1].startswith(f"predet {key}")
 
 
-def test_a_checkpoint_from_before_the_augmentation_and_schedule_flags_resumes_as_their_defaults():
-    """--predet-color-strength and --predet-lr-steps came after runs had been written: a checkpoint without them ran
-    as their defaults do, so resuming it with those is no change (rundir.ADDED_FLAGS), another value is."""
+def test_a_checkpoint_from_before_the_colour_strength_flag_resumes_as_its_default():
+    """--predet-color-strength came after runs had been written: a checkpoint without it ran as its default does, so
+    resuming it with that is no change (rundir.ADDED_FLAGS), another value is."""
     new = vars(parse())
-    old = {k: v for k, v in new.items() if k not in ("predet_color_strength", "predet_lr_steps")}
+    old = {k: v for k, v in new.items() if k != "predet_color_strength"}
     assert rundir.changed_flags(old, new) == {}
     assert rundir.changed_flags(old, vars(parse("--predet-color-strength", "0.5"))) == {
         "predet_color_strength": [1.0, 0.5]}
@@ -839,7 +839,6 @@ def test_color_strength_scales_moco_v2s_colour_ops():
     (["--predet-queries", "proposals"], "--predet-queries proposals needs --proposals FILE"),
     (["--predet-no-cls", "--predet-no-det"], "every loss term is switched off"),
     (["--predet-color-strength", "1.5"], "--predet-color-strength 1.5: expected a value in [0, 1]"),
-    (["--predet-lr-steps", "0.8", "0.4"], "--predet-lr-steps 0.8 0.4: expected increasing fractions of the run"),
 ])
 def test_user_errors_are_one_line(shapes, tmp_path, flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:  # in-process: these checks come before any data or model
