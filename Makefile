@@ -72,20 +72,19 @@ SEED_LIST = $(shell seq 0 $$(( $(SEEDS) - 1 )))
 expect = $(foreach r,$(1),$(foreach s,$(SEED_LIST),ft-$(r)-s$(s)))
 claim_flags = $(foreach c,$(1),--claim '$(c)')
 
-# --- make demo: CPU, the embedded synthetic set, ResNet-18 at 128 px (11 min on 2 cores; SEEDS=3: 26 min) ---
-# The toy protocol, one for every row (README, "The toy protocol": v1 was written down before any result; v2
-# changed one rule, on the pre-trainings' training losses):
+# --- make demo: CPU, the embedded synthetic set, ResNet-18 at 128 px (about 13 min on 2 cores) -----------------
+# The smoke and teaching run: every method end to end, one seed, each pretext's measure against chance printed in
+# the table; it decides no claim (make demo-claims does). Its settings are protocol v4's (below) at smaller
+# budgets, each long enough for its pretext to learn visibly (RESULTS.md):
 # - fine-tune: Faster R-CNN R18-FPN (2fc box head, a third of 4conv1fc's CPU time), short side 128, batch 4,
 #   60 iterations, warm-up 6, lr x0.1 at 8/12 and 11/12, the 1x lr 0.02 (x4 the linear rule: tens of
 #   iterations), each paper's recipe;
-# - every pre-training gets about one fine-tune's compute (Direct's P1x: 88k iterations of 64 images at 448 px,
-#   about what the 1x fine-tune's 88k of 16 at 1333x800 cost): the iteration counts below are ~85 s of one
-#   2-core-machine core each, measured once; AlignDet adds its budget to Montage's backbone;
+# - pre-trainings of one to two fine-tunes' compute: Direct 64 it, Montage 160, AlignDet 120 on Montage's
+#   backbone (its official RoI sampling), PreDet and its L_cls-only ablation 100 (protocol v4's toy views);
 # - every pre-training's lr is its paper's, scaled linearly to the toy batch; gradients clipped at norm 10 in
 #   every run (PreDet diverged without); warm-up 10% of the run; lr steps and cosine at the paper's fractions
 #   of the run; AlignDet's EMA momentum 0.9 (the paper's 0.996 would leave the teacher at its initialisation
-#   over 60 iterations). Protocol v1 scaled these lrs x4 too: Direct's training loss then rose over its run
-#   (README, "The toy protocol"), so v2 keeps the papers' lrs;
+#   over a hundred iterations);
 # - seed s pre-trains with seed s and fine-tunes that checkpoint with seed s.
 D = $(OUT)/demo
 DATA_CACHE ?= data
@@ -102,13 +101,12 @@ DEMO_DIRECT = $(CPU_DET) --direct-size 96 --roi-batch-size 32 --batch-size 8 --l
 DEMO_MONTAGE = --backbone resnet18 --montage-size 96 --montage-split 32 --batch-size 16 --lr 0.025 --iters 160 \
 	--warmup-iters 16 --montage-erf-every 40 --montage-erf-batch 16
 DEMO_PREDET = --backbone resnet18 --preset cpu --box-head 2fc --anchor-scale 0.5 --predet-dim 64 \
-	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --iters 50 \
-	--warmup-iters 5 --predet-queries proposals
-DEMO_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 0.005 --iters 60 --warmup-iters 6 \
-	--align-ema 0.9
+	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --iters 100 \
+	--warmup-iters 10 --predet-queries proposals --predet-crop-scale 0.5 1.0 --predet-color-strength 0.5
+DEMO_ALIGNDET = $(CPU_DET) --preset cpu --batch-size 4 --lr 0.005 --iters 120 --warmup-iters 12 --align-ema 0.9
 
 DEMO_NOTE = make demo is the smoke and teaching run: no compute-matched scratch, so this table decides no claim \
-	(make demo-claims does: README, protocol v3).
+	(make demo-claims does: RESULTS.md, protocol v4).
 # The table is a target of its own, made by a sub-make: make runs a line that starts a sub-make also under
 # make -n (the sub-make inherits -n), so that a dry run prints the table's command instead of running it. A
 # failed table (a run failed or unreadable, bad input) fails the pipeline: its status, no closing line.
@@ -154,34 +152,41 @@ $(D)/ft-imagenet-s%/results.json: | $(SHAPES)  # offline, torchvision cannot dow
 $(D)/ft-%/results.json: $(D)/%/model_final.pth  # ft-<row>-s<seed> from <row>-s<seed>
 	$(DEMO_FT) --init $< --seed $(lastword $(subst -s, ,$*)) --output-dir $(@D) --resume auto
 
-# --- make demo-claims: the toy protocol v3, the one that decides claims (CPU, 2 cores, ~70 min, 3 seeds) -----
-# Written down and committed before any of its runs (README, "The toy protocol"). make demo above is the smoke
-# and teaching run: one seed, no compute-matched baseline, it decides nothing.
-# - Compute is counted in training FLOPs (Run.train_flops: one iteration's convolutions and matrix products,
-#   forward and backward, times the iterations; Montage's ERF passes counted apart and added), everywhere:
-#   budgets, the table, the plot, the matching. Device-hours are reported beside them, never compared.
-# - Budget rule: every pre-training (a chain of stages: AlignDet's includes its Montage backbone) costs one
-#   fine-tune of compute, B = the scratch fine-tune's FLOPs (60 it x 101.4 GFLOP = 6.08 TFLOP). Iterations below
-#   = B / each stage's FLOPs per iteration, measured once on seed 100 (GFLOP/it: Direct 81.5, Montage 31.3 + 106.6
-#   per ERF pass, PreDet 107.0, PreDet L_cls-only 67.8, AlignDet 99.4). AlignDet spends B/2 on a Montage backbone
-#   (montage-half) and B/2 on its box-domain stage, so that aligndet and montage cost the same.
+# --- make demo-claims: the toy protocol v4, the one that decides claims (CPU, 2 cores, ~2-2.5 h, 3 seeds) -------
+# Written down and committed before any of its runs (RESULTS.md, "Protocol v4"). make demo above is the smoke
+# and teaching run: one seed, no compute-matched baseline, it decides nothing. v4 is v3 with a learning check
+# that reads each pretext against its chance level, and budgets under which every pretext learns:
+# - Compute is counted in training FLOPs (Run.train_flops: the convolutions and matrix products of an iteration,
+#   forward and backward, averaged over the first iteration of every logged window, times the iterations;
+#   Montage's ERF passes counted apart and added), everywhere: budgets, the table, the plot, the matching.
+#   Device-hours are reported beside them, never compared.
+# - B = the scratch fine-tune's FLOPs (60 it x 101.4 GFLOP = 6.08 TFLOP). Budgets, chosen on pilot seed 100 by the
+#   pretext measures alone (RESULTS.md): Direct 1 B (75 it at 81.5 GFLOP/it; v3's, it learned); AlignDet 3 B, its
+#   Montage backbone 0.5 B (87 it at 31.3 + 106.6 per ERF pass) and its box-domain stage 2.5 B (141 it at 107.6);
+#   Montage 3 B (535 it), the same as AlignDet's chain, so that aligndet-common > montage compares equal compute;
+#   PreDet 4 B (229 it at 106.0) and its L_cls-only ablation 4 B (359 it at 67.8).
 # - Each stage keeps its paper's schedule shape (Direct fixed, Montage cosine, PreDet four x0.1 steps at uniform
 #   fractions, AlignDet x0.1 at 8/12 and 11/12) with a linear warm-up over 10% of its iterations; one lr rule for
-#   all: the paper's lr scaled linearly to the toy batch (v2's rule); gradients clipped at norm 10; AlignDet's EMA
-#   momentum 0.9; Montage's ERF every 40 iterations.
-# - Fine-tune: v2's (Faster R-CNN R18-FPN 2fc, 128 px, batch 4, 60 it, warm-up 6, steps at 8/12 and 11/12, lr
-#   0.02), each pre-training with its paper's recipe; aligndet also with the common recipe (aligndet-common:
-#   Montage's recipe, which is the standard one), so that aligndet-common > montage compares pre-trainings only.
-# - Scratch as a curve: 1x, 2x, 4x, 8x the fine-tune (60, 120, 240, 480 it; warm-up 10%, steps at 8/12, 11/12).
+#   all: the paper's lr scaled linearly to the toy batch; gradients clipped at norm 10 (the share of clipped steps
+#   is in every run's meta); AlignDet's EMA momentum 0.9; Montage's ERF every 40 iterations.
+# - Deviations from v3, each from the pilots: AlignDet samples its RoIs as its official config does (every
+#   positive, up to 4096 per image; v3: 16); PreDet's views are a toy strength of MoCo v2's (crop area 0.5-1, colour
+#   ops x0.5: --predet-crop-scale 0.5 1 --predet-color-strength 0.5), under which its pretext learns (the paper's
+#   plateaus at 4 B).
+# - Fine-tune: v3's (Faster R-CNN R18-FPN 2fc, 128 px, batch 4, 60 it, warm-up 6, steps at 8/12 and 11/12, lr
+#   0.02), each pre-training with its paper's recipe; aligndet also with the common recipe (aligndet-common).
+# - Scratch as a curve: 1x, 2x, 4x, 8x the fine-tune (60, 120, 240, 480 it; warm-up 10%, steps at 8/12, 11/12),
+#   which covers every row's total (at most 5 B).
 # - Seeds 0, 1, 2: seed s pre-trains and fine-tunes; rows are paired by seed.
-# - A pretext learned when its loss's last logged window (10 iterations) is at least 20% below its first:
-#   Direct the detection loss, Montage loss_cls, PreDet loss_info (L_cls-only: loss_cls), AlignDet loss_contrast;
-#   every stage of a chain must pass. A claim on a row whose pretext did not learn is undecidable, said so.
+# - Learning check per stage (common.claims.PRETEXT_MEASURE): the pretext's measure against chance in its last
+#   full logged window (10 iterations) is at least a fall below its first and below chance: AlignDet
+#   contrast_vs_chance 0.20 nats, PreDet info_vs_chance 0.40 (the ablation: cls_vs_chance 0.10), Montage
+#   cls_vs_chance 0.10 (3 sd of two windows of one network, measured at lr 1e-12); Direct's detection loss 20%.
+#   Every stage of a chain must pass; a claim on a row whose pretext did not learn is undecidable, said so.
 # - Claims: "X > scratch" against scratch at X's total compute (pre-training + fine-tune), read off the same
-#   seed's scratch curve (AP interpolated linearly in log FLOPs between the two curve points around it; beyond
-#   the 8x point: undecidable); "A > B" between methods paired by seed. Held when the mean paired difference
-#   exceeds t(0.95, n-1) x its standard error (one-sided paired t-test at 5%; t = 2.920 for 3 seeds); that
-#   product is the smallest difference the protocol can detect at the observed spread, printed with each claim.
+#   seed's scratch curve (AP interpolated linearly in log FLOPs); "A > B" between methods paired by seed.
+#   Three verdicts of a one-sided paired t-test at 5%: held, opposite, inconclusive, each with n, the 5%
+#   threshold and the difference detectable with 80% power (common.claims).
 CL = $(OUT)/claims
 CLAIM_SEEDS ?= 0 1 2
 CLAIM_ROWS = direct-p1x montage aligndet aligndet-common predet predet-cls scratch scratch-2x scratch-4x scratch-8x
@@ -202,19 +207,21 @@ CLAIM_DIRECT = $(CPU_DET) --direct-size 96 --roi-batch-size 32 --batch-size 8 --
 CLAIM_MONTAGE = --backbone resnet18 --montage-size 96 --montage-split 32 --batch-size 16 --lr 0.025 \
 	--montage-erf-every $(call x,40) --montage-erf-batch 16
 CLAIM_PREDET = --backbone resnet18 --preset cpu --box-head 2fc --anchor-scale 0.5 --predet-dim 64 \
-	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --predet-queries proposals
-CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --roi-batch-size 16 --batch-size 4 --lr 0.005 --iters $(call x,31) \
-	--warmup-iters $(call x,3) --align-ema 0.9
+	--predet-num-queries 8 --predet-post-nms 64 --predet-neg 32 --batch-size 4 --lr 0.0015625 --predet-queries proposals \
+	--predet-crop-scale 0.5 1.0 --predet-color-strength 0.5
+CLAIM_ALIGNDET = $(CPU_DET) --preset cpu --batch-size 4 --lr 0.005 --iters $(call x,141) --warmup-iters $(call x,14) \
+	--align-ema 0.9
 
 demo-claims: install
-	@echo "toy protocol v3 (README): 3 seeds, scratch as a curve, compute in FLOPs; about 70 min on 2 cores"
+	@echo "toy protocol v4 (RESULTS.md): 3 seeds, scratch as a curve, compute in FLOPs; about 2-2.5 h on 2 cores"
 	OMP_NUM_THREADS=1 $(MAKE) -k -j $(CLAIM_JOBS) claims-runs; status=$$?; \
 	$(MAKE) claims-table || exit $$?; \
 	echo "toy scale (ResNet-18, 128 px): these are NOT paper numbers"; exit $$status
 claims-table:  # a sub-make of demo-claims, as demo-table
 	$(PY) -m common.results $(CL) --expect $(claim_expect) $(call claim_flags,$(CLAIMS)) --learned-drop 0.2
 # the longest stages first: make -j starts the goals in this order
-claims-runs: $(foreach s,$(CLAIM_SEEDS),$(CL)/ft-scratch-8x-s$(s)/results.json $(CL)/montage-half-s$(s)/model_final.pth) \
+claims-runs: $(foreach s,$(CLAIM_SEEDS),$(CL)/ft-scratch-8x-s$(s)/results.json $(CL)/montage-half-s$(s)/model_final.pth \
+	$(CL)/predet-s$(s)/model_final.pth $(CL)/predet-cls-s$(s)/model_final.pth) \
 	$(foreach d,$(claim_expect),$(CL)/$(d)/results.json)
 
 $(CL)/proposals.json: | $(SHAPES)
@@ -222,19 +229,19 @@ $(CL)/proposals.json: | $(SHAPES)
 $(CL)/direct-p1x-s%/model_final.pth: | $(SHAPES)
 	$(PY) direct.py $(CLAIM_RUN) $(CLAIM_DIRECT) --seed $* --output-dir $(@D) --resume auto
 $(CL)/montage-s%/model_final.pth: | $(SHAPES)
-	$(PY) montage.py $(CLAIM_RUN) $(CLAIM_MONTAGE) --iters $(call x,177) --warmup-iters $(call x,18) --seed $* \
+	$(PY) montage.py $(CLAIM_RUN) $(CLAIM_MONTAGE) --iters $(call x,535) --warmup-iters $(call x,54) --seed $* \
 		--output-dir $(@D) --resume auto
-$(CL)/montage-half-s%/model_final.pth: | $(SHAPES)  # AlignDet's backbone: half the budget
+$(CL)/montage-half-s%/model_final.pth: | $(SHAPES)  # AlignDet's backbone: 0.5 B
 	$(PY) montage.py $(CLAIM_RUN) $(CLAIM_MONTAGE) --iters $(call x,87) --warmup-iters $(call x,9) --seed $* \
 		--output-dir $(@D) --resume auto
 $(CL)/aligndet-s%/model_final.pth: $(CL)/montage-half-s%/model_final.pth $(CL)/proposals.json
 	$(PY) alignDet.py $(CLAIM_RUN) $(CLAIM_ALIGNDET) --backbone-weights $< --align-proposals $(word 2,$^) \
 		--seed $* --output-dir $(@D) --resume auto
 $(CL)/predet-s%/model_final.pth: $(CL)/proposals.json
-	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,57) --warmup-iters $(call x,6) --proposals $< \
+	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,229) --warmup-iters $(call x,23) --proposals $< \
 		--seed $* --output-dir $(@D) --resume auto
 $(CL)/predet-cls-s%/model_final.pth: $(CL)/proposals.json
-	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,90) --warmup-iters $(call x,9) --predet-no-det \
+	$(PY) predet.py $(CLAIM_RUN) $(CLAIM_PREDET) --iters $(call x,359) --warmup-iters $(call x,36) --predet-no-det \
 		--proposals $< --seed $* --output-dir $(@D) --resume auto
 
 $(CL)/ft-scratch-s%/results.json: | $(SHAPES)
