@@ -55,9 +55,10 @@ def usage(fmt, holds, meta, path):
         if detector:
             return (f"the same {meta.get('detector', 'detector')} from torchvision.models.detection on "
                     f"resnet_fpn_backbone('{backbone}')" + f", box head {meta.get('box_head')}" * ('box_head' in meta)
-                    + f", {k} + 1 classes" * (k is not None) + f": model.load_state_dict(torch.load('{path}'), "
-                    "strict=False) (its missing_keys: the parts the checkpoint does not hold)")
-        return f"torchvision.models.{backbone}().load_state_dict(torch.load('{path}'), strict=False)  # fc.* missing"
+                    + f", {k} + 1 classes" * (k is not None) + f": model.load_state_dict(torch.load('{path}', "
+                    "weights_only=True), strict=False) (its missing_keys: the parts the checkpoint does not hold)")
+        return (f"torchvision.models.{backbone}().load_state_dict(torch.load('{path}', weights_only=True), "
+                "strict=False)  # fc.* missing")
     if fmt == "detectron2":
         line = (f"MODEL.WEIGHTS {path} MODEL.RESNETS.DEPTH {depth}" + " MODEL.RESNETS.RES2_OUT_CHANNELS 64" * (depth < 50)
                 + f" MODEL.RESNETS.STRIDE_IN_1X1 False MODEL.PIXEL_MEAN \"{PIXEL_MEAN}\" MODEL.PIXEL_STD \"{PIXEL_STD}\""
