@@ -204,6 +204,7 @@ def aligndet_inputs(shapes, tmp_path_factory):
     return ["--align-proposals", str(root / "random.json"), "--backbone-weights", str(root / "backbone.pth")]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("script", sorted(DETECTION_SCRIPTS))
 def test_two_processes_take_the_mean_of_their_ranks_steps(script, shapes, tmp_path, request):
     check_two_processes_take_the_mean_of_their_ranks_steps(script, [], shapes, tmp_path, request)
@@ -268,6 +269,7 @@ MONTAGE = ["--backbone", "resnet18", "--montage-size", "128", "--montage-split",
            "--max-iters", "2", "--workers", "0", "--print-freq", "1", "--no-tb", "--device", "cpu"]
 
 
+@pytest.mark.numerics
 def test_montage_two_processes_equal_one_process_at_the_global_batch(shapes, tmp_path):
     """2 processes x 1 montage vs 1 process x 2 montages with per-rank BN (--ghost-bn 1): the same samples in
     each global batch, the same losses, the same ERF label weights (recomputed at iterations 0 and 1 from the

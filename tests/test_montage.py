@@ -284,6 +284,7 @@ class StridedConv(nn.Module):
         return self.bn(self.conv(x))
 
 
+@pytest.mark.numerics
 def test_erf_of_each_position_is_its_own_block_through_the_kernel(monkeypatch):
     """Luo et al.'s ERF of a model whose answer is known: G[j, k] = sum over images and RGB of |d sum_c X[c, j, k]
     / d input| = B x sum_rgb |sum_c kernel[c, rgb]| / 2 on input block (j, k), 0 elsewhere. A 2 x 5 feature map
@@ -311,6 +312,7 @@ def test_erf_of_each_position_is_its_own_block_through_the_kernel(monkeypatch):
                               atol=1e-6)  # all_reduce_sum: identity on one process
 
 
+@pytest.mark.numerics
 def test_erf_of_a_resnet_matches_autograd_of_single_positions():
     """Each position's ERF written out independently: autograd of that one position, one image at a time (eval
     mode: an image's ERF cannot depend on the others of the batch), summed over the images."""
@@ -343,6 +345,7 @@ class WideConv(nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.numerics
 def test_erf_labels_update_wires_the_template_and_tau():
     """ErfLabels.update = Eq. 2 on the ERF of the model, with the template's masks and cells and --montage-tau;
     its state (the weights) survives a save and load."""
@@ -386,6 +389,7 @@ def hand_erf():
     return erf
 
 
+@pytest.mark.numerics
 def test_erf_label_weights_from_eq_2_by_hand():
     """Eq. 2 with the factor (1 - w_r): w_r = max(tau, share of the own region r), the other regions split
     1 - w_r in proportion to their shares of the ERF outside r; the weights sum to 1."""
@@ -425,6 +429,7 @@ def log_softmax_list(z):
     return [v - log_sum for v in z]
 
 
+@pytest.mark.numerics
 def test_erf_loss_from_eq_1_with_loops_and_its_gradient():
     """Eq. 1 and sec. 3.3: soft label sum_i w_i y_i at each position, cross-entropy at each position, averaged
     per region, then over the 4 regions (and the images). The gradient on a logit is (softmax - soft label) /
@@ -453,6 +458,7 @@ def test_erf_loss_from_eq_1_with_loops_and_its_gradient():
         assert loss.item() == pytest.approx(math.log(5), rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_blockwise_and_global_losses_with_loops():
     """Sec. 3.3's alternatives: block-wise = each region's averaged logits against its label; global = the
     image's averaged logits against the labels mixed by region area (1, 3, 2, 6 cells of 12)."""

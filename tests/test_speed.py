@@ -30,6 +30,7 @@ def _losses(model, images, targets, dtype=None):
         return {k: float(v.detach()) for k, v in model(images, targets).items()}
 
 
+@pytest.mark.numerics
 def test_bf16_autocast_and_channels_last_match_fp32(batch):
     images, targets, k = batch
     torch.manual_seed(0)
