@@ -54,12 +54,21 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# the CPU suite, in 2 processes of one thread each (faster than one process of two threads on 2 cores);
-# a passing test's tmp_path is deleted when it ends (its runs' checkpoints: about 20 GB over the suite, which
-# pytest's default would keep for the last 3 sessions), a failing test's is kept to look at
+# the CPU suite, in 2 processes of one thread each (faster than one process of two threads on 2 cores); a
+# passing test's tmp_path is deleted when it ends (tests/pytest.ini, so also under a plain pytest tests: its runs'
+# checkpoints are about 20 GB over the suite), a failing test's is kept to look at.
+# Then the tests that hold two computations of one quantity to a float tolerance (marker numerics: 2 processes
+# against 1, batched against single-image kernels, a loss against its formula) once more under another CPU's
+# kernels: PyTorch's scalar ones (ATEN_CPU_CAPABILITY=default) and oneDNN's AVX2 convolutions, which round
+# otherwise than this machine's (AVX-512 or AVX2) on any x86-64 CPU, so that a tolerance fitted to one machine
+# fails here, not on a user's. Resumes are not among them: a resume repeats the same kernels in the same order,
+# bit-identical under any kernel set. The second pass takes about an eighth of the first (2 min against 15 in one
+# run on 2 busy cores).
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) -o tmp_path_retention_policy=failed tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q -n $(TEST_WORKERS) \
+		-m numerics tests
 
 # ---------------------------------------------------------------------------------------------------------
 # The comparison: scratch, ImageNet and every pre-training -> the same fine-tune of the same detector, each

@@ -140,13 +140,6 @@ needs_selective_search = pytest.mark.skipif(not _opencv_contrib(), reason="selec
                                             "modules (cv2.ximgproc): pip install opencv-contrib-python-headless")
 
 
-def pytest_configure(config):
-    # pycocotools' C extension trips a numpy 2 deprecation warning on every mask decode
-    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
-    config.addinivalue_line("markers", "gpu: the GPU set (tests/test_gpu.py): runs with pytest -m gpu tests where "
-                                       "CUDA is visible, is skipped otherwise")
-
-
 def pytest_collection_modifyitems(config, items):
     """The GPU set runs only when asked for (-m gpu) and where CUDA is visible: make test stays the CPU suite
     also on a machine with GPUs."""

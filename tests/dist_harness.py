@@ -5,7 +5,8 @@ distributed tests compare; optionally first plays this process's rank in a plain
 
 Always recorded, per process: every batch of (index, sample seed) the training sampler yields, and at
 ``Run.finish`` the full training state of the process (the model's state dict, without DDP, and the method's
-extra state: AlignDet's EMA teacher, Montage's ERF label weights) -> ``<output-dir>/rank<R>.pt``, R = this
+extra state: AlignDet's EMA teacher, Montage's ERF label weights), with the same state as it stood at the start
+of every iteration after the first (``state_at[iteration]``), -> ``<output-dir>/rank<R>.pt``, R = this
 process's rank (so that the tests see whether the ranks of one run agree); and the state every rank starts
 from, rank 0's when the script hands it to ``Run.checkpoints_hold``, -> ``<output-dir>/initial.pt`` (the tests measure steps from it;
 with --reference-first it is solo0/initial.pt).
@@ -91,7 +92,7 @@ def main():
     module = importlib.import_module(os.path.splitext(os.path.basename(opts.script))[0])
     if opts.ghost_bn:
         install_ghost_bn(opts.ghost_bn)
-    record = SimpleNamespace(batches=[], playing=None, initial_file=None)
+    record = SimpleNamespace(batches=[], state_at={}, playing=None, initial_file=None)
 
     sampler_iter = loader.TrainBatchSampler.__iter__
 
@@ -101,7 +102,14 @@ def main():
             yield batch
 
     loader.TrainBatchSampler.__iter__ = recording_iter
-    run_hold, run_finish = engine.Run.checkpoints_hold, engine.Run.finish
+    run_hold, run_finish, run_batches = engine.Run.checkpoints_hold, engine.Run.finish, engine.Run.batches
+
+    def batches(self, *args, **kwargs):
+        for it, batch in run_batches(self, *args, **kwargs):
+            if it > self.start_iter:  # the state the iterations before this one left
+                record.state_at[it] = {"model": state_of(self.model),
+                                       "extra": {k: state_of(v) for k, v in self.extra.items()}}
+            yield it, batch
 
     def hold(self, model, optimizer, scaler, **extra):
         if record.playing == 0 or (record.playing is None and not opts.reference_first and dist.get_rank() == 0):
@@ -123,11 +131,11 @@ def main():
     def finish(self, state_dict, meta):
         rank = dist.get_rank() if record.playing is None else record.playing
         torch.save({"model": state_of(self.model), "extra": {k: state_of(v) for k, v in self.extra.items()},
-                    "batches": record.batches, "iteration": self.iteration},
+                    "batches": record.batches, "state_at": record.state_at, "iteration": self.iteration},
                    os.path.join(self.args.output_dir, f"rank{rank}.pt"))
         return run_finish(self, state_dict, meta)
 
-    engine.Run.checkpoints_hold, engine.Run.finish = hold, finish
+    engine.Run.checkpoints_hold, engine.Run.finish, engine.Run.batches = hold, finish, batches
 
     if opts.reference_first:
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -145,7 +153,7 @@ def main():
         finally:
             os.environ.update(hidden)
             loader.dist, dist.seed_everything = plain_loader_dist, seed_everything
-            record.playing, record.batches = None, []
+            record.playing, record.batches, record.state_at = None, [], {}
     cli.run(module.main, module.get_args_parser(), [a.replace("{run}", "ddp") for a in script_args])
 
 

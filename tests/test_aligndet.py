@@ -77,6 +77,7 @@ def loss_and_query_grad(q, q_ids, k, k_ids, t):
     return loss.detach(), q.grad
 
 
+@pytest.mark.numerics
 def test_contrastive_loss_equals_hand_computed_infonce():
     q, k = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0], [0.0, 3.0]])
     for t in (0.5, 0.2):  # one positive at cosine 1, one negative at cosine 0: log(1 + exp(-1 / T))
@@ -100,6 +101,7 @@ def test_contrastive_loss_equals_hand_computed_infonce():
     assert zero.item() == 0 and zero.requires_grad  # no anchor: zero, but a graph backward() accepts
 
 
+@pytest.mark.numerics
 def test_contrastive_gradient_flows_through_the_queries_only():
     """Queries carry the gradient; keys (teacher) and negatives (online and teacher samples of other ids) are
     stop-gradient, so the gradient w.r.t. the queries is the reference's, whose negatives are detached copies:
@@ -117,6 +119,7 @@ def test_contrastive_gradient_flows_through_the_queries_only():
     assert abs(swapped.item() - loss.item()) > 1e-2  # the swap changes the value: the check above can tell
 
 
+@pytest.mark.numerics
 def test_contrastive_loss_per_id_mean_temperature_normalisation_and_background():
     """3-d axes vectors (cosines -1, 0, 1) of assorted lengths, so each pair's loss is written by hand:
     log(1 + sum_n exp((q.n - q.k) / T)). Id 1 has 1 query and 2 keys, id 2 one pair, id 0 (background) one
@@ -167,6 +170,7 @@ def tiny_args(*extra):
     return alignDet.get_args_parser().parse_args([*TINY, "--backbone-weights", "scratch", *extra])
 
 
+@pytest.mark.numerics
 def test_ema_update_is_exact_and_leaves_the_frozen_backbone_alone():
     online = alignDet.build_box_domain_model(tiny_args())
     teacher = alignDet.EmaTeacher(online)
@@ -283,6 +287,7 @@ class StretchEachCall:
         return v2.Resize((round(h * sy), round(w * sx)), antialias=True)(image, target)
 
 
+@pytest.mark.numerics
 def test_a_box_dropped_in_one_view_only_keeps_the_other_ids_aligned():
     """A pseudo box under 1 px after one view's resize is dropped from that view only (with its id); the other
     boxes keep their ids and regions in both views, the batch offsets stay those of the full box counts (so ids
@@ -357,6 +362,7 @@ def rcnn_model():
     return alignDet.build_box_domain_model(tiny_args("--box-head", "2fc"))
 
 
+@pytest.mark.numerics
 def test_rcnn_rois_are_positive_proposals_plus_pseudo_boxes_with_id_specific_regression(rcnn_model, monkeypatch):
     """RoIs: proposals at IoU >= 0.5 with a pseudo box (0.5 in, 0.475 out) plus the pseudo boxes themselves;
     embedding = the RoI (identity pooling and projector); predicted delta c of RoI r for id j:
@@ -398,6 +404,7 @@ def test_rcnn_rois_are_positive_proposals_plus_pseudo_boxes_with_id_specific_reg
     assert losses["loss_roi_reg"].item() == pytest.approx(total / len(expected), rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_retinanet_contrast_samples_and_l1_averaged_over_the_batch_positives(monkeypatch):
     """Anchors at IoU 0.5 (positive), 0.45 and 0.4 (ignored: neither sampled nor regressed), 0.375 and 0
     (background, id 0); a pseudo box whose best anchor has IoU 0.3 still gets it (low-quality match).
@@ -452,6 +459,7 @@ def giou_loss(p, g):
     return 1 - (inter / union - (enclosing - union) / enclosing)
 
 
+@pytest.mark.numerics
 def test_fcos_giou_weighted_by_centerness_targets_and_centerness_bce(monkeypatch):
     """One level of 3 x 2 points (stride 16); each point's positive box is the smallest one containing it
     (a point on a box's edge is outside). loss_reg = sum(GIoU loss x centerness target) / sum(centerness
@@ -523,6 +531,8 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     run_script("alignDet.py", *flags, "--max-iters", "1", "--output-dir", part)
     shutil.copy(f"{part}/model_final.pth", tmp_path / "at1.pth")
     run_script("alignDet.py", *flags, "--max-iters", "3", "--output-dir", part, "--resume", "auto")
+    # a resume is the same computation (the checkpoint's exact weights, optimizer state and random streams, the
+    # same kernels in the same order): bit-identical, seen through log.txt's 6 decimals (rel 1e-6: its last one)
     for key in ("loss", "loss_contrast", "loss_roi_reg"):
         a, b = iteration_losses(full, key), iteration_losses(part, key)
         assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -561,6 +571,7 @@ def test_frozen_backbone_exact_resume_and_finetune_loads_the_pretrained_parts(sh
     assert recipe["lr"] == pytest.approx(0.00375) and recipe["weight_decay"] == pytest.approx(5e-5)
 
 
+@pytest.mark.numerics
 def test_training_loop_wiring_teacher_updates_only_after_a_step(shapes, proposal_file, tmp_path, monkeypatch):
     """main(), in process, 3 iterations whose 2nd loss is made non-finite (skipped, --skip-nonfinite 1):
     the online model (training mode) sees view 1 and gives the queries (with grad), the teacher (eval mode)

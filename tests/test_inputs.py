@@ -453,9 +453,14 @@ def test_ctrl_c_in_proposals_is_one_line(tmp_path, monkeypatch, capsys):
 def test_proposal_workers_ignore_ctrl_c():
     """Ctrl-C signals the whole process group: the pool's workers must not each print a KeyboardInterrupt
     traceback; only the main process stops (above)."""
-    with proposals.worker_pool(1) as pool:
-        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
-    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # this process still takes Ctrl-C
+    # Python's Ctrl-C handler, also where pytest was started with SIGINT ignored (a background job: nohup, &)
+    started_with = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with proposals.worker_pool(1) as pool:
+            assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # this process still takes Ctrl-C
+    finally:
+        signal.signal(signal.SIGINT, started_with)
 
 
 # ---- the Makefile checks DATA and the GPUs before anything starts

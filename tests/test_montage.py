@@ -285,6 +285,7 @@ class StridedConv(nn.Module):
         return self.bn(self.conv(x))
 
 
+@pytest.mark.numerics
 def test_erf_of_each_position_is_its_own_block_through_the_kernel(monkeypatch):
     """Luo et al.'s ERF of a model whose answer is known: G[j, k] = sum over images and RGB of |d sum_c X[c, j, k]
     / d input| = B x sum_rgb |sum_c kernel[c, rgb]| / 2 on input block (j, k), 0 elsewhere. A 2 x 5 feature map
@@ -312,6 +313,7 @@ def test_erf_of_each_position_is_its_own_block_through_the_kernel(monkeypatch):
                               atol=1e-6)  # all_reduce_sum: identity on one process
 
 
+@pytest.mark.numerics
 def test_erf_of_a_resnet_matches_autograd_of_single_positions():
     """Each position's ERF written out independently: autograd of that one position, one image at a time (eval
     mode: an image's ERF cannot depend on the others of the batch), summed over the images."""
@@ -327,6 +329,8 @@ def test_erf_of_a_resnet_matches_autograd_of_single_positions():
             x = image[None].clone().requires_grad_(True)
             grad, = torch.autograd.grad(model.backbone.body(x)["out"][0, :, j, k].sum(), x)
             expected += grad[0].abs().sum(0)
+        # the same gradients by batched and single-image kernels: each conv's sums of up to 4608 terms in another
+        # order (~sqrt(N) x 2^-24 = 4e-6 relative), through the 20 layers of the backward: rtol 1e-4
         assert torch.allclose(erf[j, k], expected, rtol=1e-4, atol=1e-8), (j, k)
 
 
@@ -342,6 +346,7 @@ class WideConv(nn.Module):
         return self.conv(x)
 
 
+@pytest.mark.numerics
 def test_erf_labels_update_wires_the_template_and_tau():
     """ErfLabels.update = Eq. 2 on the ERF of the model, with the template's masks and cells and --montage-tau;
     its state (the weights) survives a save and load."""
@@ -385,6 +390,7 @@ def hand_erf():
     return erf
 
 
+@pytest.mark.numerics
 def test_erf_label_weights_from_eq_2_by_hand():
     """Eq. 2 with the factor (1 - w_r): w_r = max(tau, share of the own region r), the other regions split
     1 - w_r in proportion to their shares of the ERF outside r; the weights sum to 1."""
@@ -424,6 +430,7 @@ def log_softmax_list(z):
     return [v - log_sum for v in z]
 
 
+@pytest.mark.numerics
 def test_erf_loss_from_eq_1_with_loops_and_its_gradient():
     """Eq. 1 and sec. 3.3: soft label sum_i w_i y_i at each position, cross-entropy at each position, averaged
     per region, then over the 4 regions (and the images). The gradient on a logit is (softmax - soft label) /
@@ -452,6 +459,7 @@ def test_erf_loss_from_eq_1_with_loops_and_its_gradient():
         assert loss.item() == pytest.approx(math.log(5), rel=1e-6)
 
 
+@pytest.mark.numerics
 def test_blockwise_and_global_losses_with_loops():
     """Sec. 3.3's alternatives: block-wise = each region's averaged logits against its label; global = the
     image's averaged logits against the labels mixed by region area (1, 3, 2, 6 cells of 12)."""
@@ -481,6 +489,8 @@ def test_resume_continues_with_identical_losses(shapes, tmp_path):
     run_script("montage.py", *TINY_M, *shapes, *cache, "--output-dir", part, "--resume", "auto", env=ONE_THREAD)
     a, b = iteration_losses(full), iteration_losses(part)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    # a resume is the same computation (the checkpoint's exact weights, optimizer state and random streams, the
+    # same kernels in the same order): bit-identical, seen through log.txt's 6 decimals (rel 1e-6: its last one)
     for it in (1, 2, 3, 4):  # 1-3: the run that extracted the samples draws what the reusing one does
         assert b[it] == pytest.approx(a[it], rel=1e-6), (it, a, b)
 

@@ -88,6 +88,7 @@ class Fixed(nn.Module):
 
 
 # ---- classification loss
+@pytest.mark.numerics
 def test_cls_loss_is_softmax_ce_on_the_normalised_k_hot_target_averaged_over_levels(model, swap):
     """PreDet sec. 3.1: multi-label CE of Mahajan et al. (softmax against the k-hot target / its sum) from one
     head shared by every FPN level, the average over levels; images without a label are left out."""
@@ -119,6 +120,7 @@ def test_cls_loss_is_softmax_ce_on_the_normalised_k_hot_target_averaged_over_lev
 
 
 # ---- CRPN
+@pytest.mark.numerics
 def test_crpn_scores_equal_explicit_loop_and_group_convolution():
     torch.manual_seed(0)
     B, A, D, H, W, Q = 2, 3, 5, 4, 6, 4
@@ -243,6 +245,7 @@ def decode(d, ref):
     return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
 
 
+@pytest.mark.numerics
 def test_crpn_loss_scores_each_anchor_for_its_max_iou_query(model, swap):
     """PreDet sec. 3.2.1: each anchor takes its max-IoU query; positive > 0.7, negative < 0.3; BCE on the score of
     the (anchor, that query) pair, L1 regression of positives onto that query (Faster R-CNN's Eq. 2, weights 1);
@@ -301,6 +304,7 @@ def test_crpn_loss_scores_each_anchor_for_its_max_iou_query(model, swap):
                                                                                 (1, 0, 7)}
 
 
+@pytest.mark.numerics
 def test_crpn_loss_samples_128_positives_128_negatives_and_divides_by_the_sampled(model, swap):
     """PreDet sec. 3.2.1: 128 positive and 128 negative anchors per image (negatives fill in for missing
     positives, d2); the losses are the sums over the sampled anchors of the batch / their number."""
@@ -320,6 +324,7 @@ def test_crpn_loss_samples_128_positives_128_negatives_and_divides_by_the_sample
     assert losses["loss_crpn_reg"].item() == pytest.approx(n_pos * sum(map(abs, d)) / 512, rel=1e-5)
 
 
+@pytest.mark.numerics
 def test_crpn_loss_keeps_each_querys_best_anchor_unless_told_not_to(model, swap):
     """Low-quality matches (d2's RPN, the default): a query whose best anchor reaches only IoU .606 still gets it
     as a positive; --predet-crpn-no-low-quality applies the paper's literal > 0.7 rule (that anchor ignored)."""
@@ -337,6 +342,7 @@ def test_crpn_loss_keeps_each_querys_best_anchor_unless_told_not_to(model, swap)
     assert losses["loss_crpn_reg"].item() == 0 and losses["loss_crpn_cls"].item() == pytest.approx(math.log(2))
 
 
+@pytest.mark.numerics
 def test_crpn_proposals_take_the_best_query_per_anchor_then_top_k_and_nms_per_level(model, swap):
     """PreDet sec. 3.2.1, proposal construction: per anchor the max score over queries and the box moved by THAT
     query's deltas; top-K per level, NMS per level, K_nms kept; clipped to the (non-square) view, tiny boxes
@@ -365,6 +371,7 @@ def test_crpn_proposals_take_the_best_query_per_anchor_then_top_k_and_nms_per_le
                                                [70., 45., 95., 60.]]), atol=1e-4), boxes
 
 
+@pytest.mark.numerics
 def test_crpn_step_proposals_are_each_levels_best_anchor_on_a_non_square_view(model, swap):
     """The step's proposals, with the real anchors of a 128 x 192 view: top-1 per level picks the one anchor
     each level scores high, moved by its best query's deltas and clipped to the view; image 1's padded query
@@ -399,6 +406,7 @@ def test_crpn_step_proposals_are_each_levels_best_anchor_on_a_non_square_view(mo
 
 
 # ---- CROI
+@pytest.mark.numerics
 def test_info_nce_matches_the_paper_formula_and_pulls_the_positive_up():
     torch.manual_seed(0)
     s_pos = torch.rand(3, requires_grad=True)
@@ -420,6 +428,7 @@ def test_info_nce_matches_the_paper_formula_and_pulls_the_positive_up():
     assert loss(torch.arange(4)) < 1e-4 and loss(torch.arange(4).roll(1)) > 10  # identical vs permuted
 
 
+@pytest.mark.numerics
 def test_croi_regression_targets_decode_back_to_the_query():
     model = predet.PreDet(parse("--backbone", "resnet18", "--predet-dim", "8"), num_classes=5)
     proposals = torch.tensor([[10., 12., 50., 40.], [0., 0., 30., 30.]])
@@ -432,6 +441,7 @@ def test_croi_regression_targets_decode_back_to_the_query():
     assert torch.allclose(model.croi.deltas(b_q, b_p), by_hand, atol=1e-6)
 
 
+@pytest.mark.numerics
 def test_croi_similarity_inputs_are_unit_length_embeddings_of_the_box_features():
     """s_pq is a cosine similarity: each box's embedding FC(b) divided by its own length (not by a norm over
     the boxes). 3 boxes, D = 8: any other normalisation axis gives other vectors."""
@@ -460,6 +470,7 @@ class BoxFeatures(nn.Module):
         return (b_q * torch.tensor([1., 2., 3., 4.]) - b_p) / 100
 
 
+@pytest.mark.numerics
 def test_croi_loss_one_positive_per_query_negatives_away_from_every_query(model, swap):
     """PreDet sec. 3.2.2: per query one positive with IoU > 0.5; P_neg = the image's proposals with IoU < 0.5 to
     EVERY query; L_info with tau 0.07 and L_croi-reg (smooth L1 of the deltas against the query encoded on the
@@ -758,6 +769,8 @@ def test_resume_is_exact_and_finetune_loads_the_pretrained_parts(shapes, tmp_pat
     run_script("predet.py", *PD, *shapes, "--output-dir", part, "--resume", "auto")
     a, b = iteration_losses(full), iteration_losses(part)
     assert sorted(a) == sorted(b) == [1, 2, 3]
+    # a resume is the same computation (the checkpoint's exact weights, optimizer state and random streams, the
+    # same kernels in the same order): bit-identical, seen through log.txt's 6 decimals (rel 1e-6: its last one)
     for it in (2, 3):
         assert b[it] == pytest.approx(a[it], rel=1e-6), (it, a, b)
     terms = iteration_losses(full, "loss_info")
