@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from common import atomic, dist, formats
-from common.cli import UserError
 from common.detectors import PART_NAMES, part_of, parts_of
+from common.errors import UserError
 
 
 class _Writes:

@@ -30,7 +30,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from common import dist, synthetic
-from common.cli import UserError
+from common.errors import UserError
 
 
 class BadImageError(UserError):

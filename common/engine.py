@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common import checkpoint, dist
-from common.cli import UserError
+from common.errors import UserError
 from common.loader import skipped_images
 from common.metrics import FlopCounter, Meter, RunLog, WallClock, peak_memory_mb, read_jsonl
 from common.rundir import resume_changes

@@ -39,8 +39,8 @@ from torchvision.ops import box_convert, clip_boxes_to_image, nms
 from tqdm import tqdm
 
 from common import atomic, cli
-from common.cli import UserError
 from common.coco import load_coco_json, read_rgb, resolve_data
+from common.errors import UserError
 
 MIN_SIZE, MAX_RATIO, MAX_SIZE_RATIO = 32, 3.0, 0.8  # the ratio3size0008 filter
 # px: long side of the copy selective search runs on (DETReg runs it on a 128x128 copy, SoCo at full size: 500

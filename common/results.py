@@ -21,7 +21,8 @@ import sys
 
 from common import atomic
 from common.claims import VERDICTS, check_summary, evaluate_claims, parse_claim
-from common.cli import HelpFormatter, UserError
+from common.cli import HelpFormatter
+from common.errors import UserError
 from common.runs import AP_COLUMNS, read_runs
 
 COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",

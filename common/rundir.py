@@ -15,7 +15,7 @@ import sys
 import time
 
 from common import dist
-from common.cli import UserError
+from common.errors import UserError
 
 LOCK_FILE = ".lock"
 _run_lock = None  # rank 0's open, locked <output-dir>/.lock: held for the life of the process

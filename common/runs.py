@@ -19,7 +19,7 @@ import os
 import re
 
 from common.claims import pretext_checks, stages
-from common.cli import UserError
+from common.errors import UserError
 from common.metrics import read_jsonl
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

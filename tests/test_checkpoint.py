@@ -15,8 +15,8 @@ import torch
 
 from common import checkpoint, cli, engine, rundir
 from common import loader as data_loader
-from common.cli import UserError
 from common.detectors import build_detector
+from common.errors import UserError
 from common.metrics import read_jsonl
 from common.optim import set_lr
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 from common import checkpoint, cli, coco_eval, dist, engine
-from common.cli import UserError
 from common.coco_eval import evaluate
+from common.errors import UserError
 from common.loader import build_eval_loader, build_train_loader
 from common.metrics import read_jsonl
 from conftest import ROOT, TINY, iteration_losses, run_script, script_command

@@ -13,7 +13,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from common import proposals
-from common.cli import UserError
+from common.errors import UserError
 from conftest import needs_selective_search, run_script
 
 
