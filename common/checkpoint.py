@@ -4,7 +4,7 @@
   ``{"kind": "train_state", "model", "optimizer", "scaler", "iteration", "elapsed", "rng" and "meters" (one
   entry per rank: its random streams, its loss sums of the logging interval and of the epoch), "extra" (method
   state: EMA teacher, ERF weights, ...), "args" (a plain dict), "meta"}``.
-  ``--resume`` reads them.
+  ``--resume`` reads them; when they are written and what goes in: common.train_state.
 - ``model_final.pth`` holds the weights to transfer: ``{"kind": "final", "model": state_dict, "meta":
   {method, detector, backbone, num_classes, parts, iterations, images_seen, wall_clock_s, world_size,
   device_type, device_hours, ...}}``. ``--init`` reads it through ``load_pretrained``.
@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from common import atomic, dist, formats
-from common.cli import UserError
 from common.detectors import PART_NAMES, part_of, parts_of
+from common.errors import UserError
 
 
 class _Writes:

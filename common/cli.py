@@ -2,8 +2,9 @@
 
 Every script builds its parser with ``argparse.ArgumentParser(parents=[cli.base_parser()])`` (DETR's
 ``get_args_parser(add_help=False)`` pattern) and runs ``cli.run(main, get_args_parser())``. A user
-error (bad flag value, missing file, malformed annotation, wrong checkpoint) raises ``UserError``; ``run``
-prints it as one line, ``error: <what is wrong and what was expected>``, and exits with status 2.
+error (bad flag value, missing file, malformed annotation, wrong checkpoint) raises ``UserError`` (defined in
+common.errors, below every module; a script raises it as ``cli.UserError``); ``run`` prints it as one line,
+``error: <what is wrong and what was expected>``, and exits with status 2.
 Every parser uses ``HelpFormatter``, so --help shows each flag's default.
 """
 import argparse
@@ -15,15 +16,7 @@ import shutil
 import sys
 
 from common import dist
-
-
-class UserError(Exception):
-    """An error in the user's input: printed as one line, no traceback."""
-
-
-class Unavailable(UserError):
-    """An external resource the run needs (e.g. downloadable weights) cannot be had here: the run is
-    reported as skipped, with the reason, rather than as failed."""
+from common.errors import Unavailable, UserError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -12,6 +12,8 @@ negative size or under 1 px dropped, boxes with a non-finite coordinate (NaN, in
 evaluation's ground truth too), missing 'area'/'iscrowd' filled. Everything else that is wrong in an
 annotation file is a one-line ``UserError`` naming the file and the entry. 16-bit grayscale images are
 scaled to 8 bits (v / 257); an image over PIL's pixel limit is a bad image, like an unreadable one.
+One module at ~300 lines: what a COCO-format set must hold, the dataset that reads it so, and ``resolve_data``
+(the data flags -> the set's files) are what every script imports together.
 """
 import collections
 import contextlib
@@ -30,7 +32,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
 from common import dist, synthetic
-from common.cli import UserError
+from common.errors import UserError
 
 
 class BadImageError(UserError):

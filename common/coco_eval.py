@@ -123,7 +123,7 @@ def evaluate(model, loader, device, dtype=None, backend="auto", run=None):
         if run is None:
             stats = _coco_stats(dataset, results, backend)
         else:  # None when a stop signal came
-            stats = run.interruptible(_coco_stats, dataset, results, backend)
+            stats = run.signals.interruptible(_coco_stats, dataset, results, backend)
         if stats is not None:
             skipped = len(dataset) - n_images
             stats.update(images=n_images, skipped_images=skipped, seconds=round(time.time() - t0, 2))

@@ -28,7 +28,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from common import dist
-from common.cli import Unavailable, UserError
+from common.errors import Unavailable, UserError
 from common.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_mean_std
 
 DETECTORS = ("fasterrcnn", "maskrcnn", "retinanet", "fcos")

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from common.errors import UserError
+
 
 def is_dist():
     return dist.is_available() and dist.is_initialized()
@@ -40,7 +42,6 @@ def init_distributed(device="auto", timeout_s=600):
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
-        from common.cli import UserError  # noqa: PLC0415 (common.cli imports this module)
         raise UserError("--device cuda: no CUDA device is visible here (torch.cuda.is_available() is False); "
                         "use --device cpu, or auto")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -19,8 +19,8 @@ import re
 
 import torch
 
-from common.cli import UserError
 from common.detectors import FINAL_LAYERS, part_of
+from common.errors import UserError
 
 FORMATS = ("torchvision", "timm", "detectron2", "mmdet")
 FOR_RCNN = "R-CNN detectors (Faster / Mask R-CNN on a P2-P6 FPN, box head 4conv1fc or 2fc)"

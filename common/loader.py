@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common import dist
-from common.cli import UserError
+from common.errors import UserError
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):

@@ -3,7 +3,9 @@ JSON line per logged iteration, per epoch and per evaluation in ``<output-dir>/l
 reads it back). Only rank 0 writes.
 
 ``Meter`` accumulates named scalar tensors on their device, so that logging costs no host sync
-except at the print interval. ``WallClock`` gives the throughput every record states: wall clock.
+except at the print interval; ``progress_text`` is the progress bar's line. ``WallClock`` gives the throughput
+every record states: wall clock; ``FlopCounter`` the FLOPs of what runs inside it (a run's accounting of
+both: common.accounting).
 """
 import contextlib
 import json
@@ -156,6 +158,22 @@ def read_jsonl(path):
                 except json.JSONDecodeError:
                     pass
     return records
+
+
+def progress_text(values):
+    """The progress bar's figures: the loss terms, each pretext's distance to its chance level (nats) and its
+    top-1 retrieval against chance (common.pretext), the share of clipped steps and the lr."""
+    parts = []
+    for key, v in values.items():
+        if key.startswith("loss"):
+            parts.append(f"{key}={v:.3f}")
+        elif key.endswith("_vs_chance"):
+            parts.append(f"{key}={v:+.3f}")
+        elif key.endswith("_acc1"):
+            parts.append(f"{key}={v:.2f}/{values.get(key + '_chance', 0):.2f}")
+    if "clipped" in values:
+        parts.append(f"clipped={values['clipped']:.0%}")
+    return " ".join(parts + [f"lr={values['lr']:.3g}"])
 
 
 def peak_memory_mb(device):

@@ -5,7 +5,7 @@ results.png.
     python -m common.results runs/compare --expect ft-scratch-s0 ft-direct-p1x-s0 ... --claim "direct-p1x > scratch"
 
 Each run is read as common.runs says (one bad run is one row, never a crashed table). Compute is training FLOPs
-(common.engine.Run.train_flops); device-hours are shown beside, never compared. Runs of one row form one line:
+(common.accounting: train_flops); device-hours are shown beside, never compared. Runs of one row form one line:
 mean ± sample std over the seeds whose value is known, each seed's AP listed; runs that are not done share a
 line only when they stopped for the same reason. Every pre-training stage gets a learning check and the claims
 are judged as common.claims says. Every table names the machines its runs ran on. Each output is written
@@ -21,7 +21,8 @@ import sys
 
 from common import atomic
 from common.claims import VERDICTS, check_summary, evaluate_claims, parse_claim
-from common.cli import HelpFormatter, UserError
+from common.cli import HelpFormatter
+from common.errors import UserError
 from common.runs import AP_COLUMNS, read_runs
 
 COLUMNS = ("row", "method", "detector", "backbone", "pre-train", "fine-tune", "recipe", *AP_COLUMNS, "mask AP",

@@ -3,7 +3,7 @@ run may change.
 
 ``prepare_output_dir`` (every script, before anything is written) gives an --output-dir to one run at a time:
 rank 0 holds a flock on ``<output-dir>/.lock`` for the run's life, which the kernel drops when the process
-dies, however it dies. ``HARMLESS_ON_RESUME`` and ``changed_flags`` are what ``common.engine.Run.resume``
+dies, however it dies. ``HARMLESS_ON_RESUME`` and ``changed_flags`` are what ``common.train_state.resume``
 checks: a resume continues the run that wrote the checkpoint, or is refused.
 """
 import fcntl
@@ -15,7 +15,7 @@ import sys
 import time
 
 from common import dist
-from common.cli import UserError
+from common.errors import UserError
 
 LOCK_FILE = ".lock"
 _run_lock = None  # rank 0's open, locked <output-dir>/.lock: held for the life of the process

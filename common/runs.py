@@ -12,6 +12,8 @@ incomplete (trained but never evaluated, or how far it got), and an ``--expect``
 says why (its own error, or its pre-training's). The runs of one row are the Makefile's ft-<row>-s<seed>
 directories (any other directory is a row of its own); two runs of one row and seed are refused, naming both,
 since the table and the claims could not both know which one counts.
+One module at ~300 lines: a record's status comes from every file of its run at once, each read with the same
+defensive helpers (``_json``, ``_number``, ...).
 """
 import json
 import math
@@ -19,7 +21,7 @@ import os
 import re
 
 from common.claims import pretext_checks, stages
-from common.cli import UserError
+from common.errors import UserError
 from common.metrics import read_jsonl
 
 AP_COLUMNS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

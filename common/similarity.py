@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torchvision.ops import MultiScaleRoIAlign, box_iou, clip_boxes_to_image
 from torchvision.transforms import v2
 
-from common import checkpoint, cli, dist, proposals
+from common import checkpoint, cli, dist, proposal_boxes
 from common.coco import CocoDetection, resolve_data
 from common.detectors import build_detector
 from common.transforms import normalize
@@ -74,7 +74,7 @@ def main(args):
         if item is None:  # a bad image, skipped with a warning
             continue
         feats = backbone(normalize(item[0].to(device).float()[None] / 255))  # {level: [1, 256, h, w]}
-        for ref in proposals.random_boxes(size, size, args.refs_per_image, generator):
+        for ref in proposal_boxes.random_boxes(size, size, args.refs_per_image, generator):
             boxes, iou = pairs_around(ref, size)
             f = roi_pool(feats, [torch.cat([ref[None], boxes]).to(device)], [(size, size)])  # [1 + k, 256, 7, 7]
             f = F.normalize(f.flatten(1), dim=1)

@@ -254,7 +254,7 @@ class FixedBatchRun:
     def finite(self, loss, losses):
         return True
 
-    def log_losses(self, losses, loss, lr):
+    def log_losses(self, losses, loss, lr, measures=None, grad_norm=None):
         pass
 
     def stop_point(self):

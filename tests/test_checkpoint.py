@@ -15,8 +15,8 @@ import torch
 
 from common import checkpoint, cli, engine, rundir
 from common import loader as data_loader
-from common.cli import UserError
 from common.detectors import build_detector
+from common.errors import UserError
 from common.metrics import read_jsonl
 from common.optim import set_lr
 
@@ -483,7 +483,7 @@ def test_train_flops_average_the_counted_iterations_and_skip_uncounted_ones(tmp_
         if it % 3 == 0:
             torch.ones(4, 5) @ torch.ones(5, 6)
         sgd_step(run, ((run.model(x) - 1) ** 2).mean())
-    assert run.flops_counted == [48 + 288 + 288, 3]
+    assert run.cost.flops_counted == [48 + 288 + 288, 3]
     assert run.compute_meta()["train_flops"] == 208 * 8
     assert checkpoint.load(str(tmp_path / "run" / "checkpoint_last.pth"))["flops_counted"] == [624, 3]  # resumed
 

@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 from torchvision.transforms.v2 import functional as F
 
 from common import synthetic
-from common.cli import UserError
 from common.coco import BadImageError, CocoDetection, decode_masks, load_coco_json
+from common.errors import UserError
 
 
 def write_set(tmp_path, annotations=None, images=None, categories=None, raw=None):

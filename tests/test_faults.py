@@ -21,9 +21,9 @@ import types
 import pytest
 import torch
 
-from common import checkpoint, cli, coco_eval, dist, engine
-from common.cli import UserError
+from common import checkpoint, cli, coco_eval, dist, engine, train_state
 from common.coco_eval import evaluate
+from common.errors import UserError
 from common.loader import build_eval_loader, build_train_loader
 from common.metrics import read_jsonl
 from conftest import ROOT, TINY, iteration_losses, run_script, script_command
@@ -453,11 +453,11 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     train(run, loader)  # checkpoint_last.pth at iteration 6
     before = (out / "checkpoint_last.pth").read_bytes()
     state = io.BytesIO()
-    torch.save(run.state(), state)
+    torch.save(train_state.state(run), state)
     real_fdopen = os.fdopen
     monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), free=1000))
     with pytest.raises(UserError) as full:
-        run.save()
+        train_state.save(run)
     monkeypatch.undo()
     needed = f"{len(state.getvalue()) / 1024:.1f} KiB"
     assert re.fullmatch(re.escape(f"{out}: no space left on the device: checkpoint_last.pth needs {needed} (the state "

@@ -25,8 +25,8 @@ import finetune
 import montage
 import predet
 from common import checkpoint, cli, proposals, results, similarity
-from common.cli import UserError
 from common.coco import BadImageError, CocoDetection, read_rgb
+from common.errors import UserError
 from conftest import ROOT, TINY
 
 

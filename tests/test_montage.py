@@ -17,8 +17,8 @@ from torchvision.ops import box_iou
 
 import montage
 from common import claims
-from common.cli import UserError
 from common.coco import DataSpec
+from common.errors import UserError
 from conftest import iteration_losses, run_script
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny runs: a second thread only spins when the cores are shared

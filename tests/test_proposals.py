@@ -1,6 +1,6 @@
-"""common/proposals.py: the filter, NMS and top-K on known boxes, random boxes, selective search, the
-CLI's output (pycocotools-readable, filter holds, empty images counted), resuming an interrupted run,
-and the loader's one-line schema errors."""
+"""common/proposal_boxes.py: the filter, NMS and top-K on known boxes, random boxes, selective search;
+common/proposals.py: the CLI's output (pycocotools-readable, filter holds, empty images counted), resuming an
+interrupted run, and the loader's one-line schema errors."""
 import json
 import os
 import sys
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from common import proposals
-from common.cli import UserError
+from common import proposal_boxes, proposals
+from common.errors import UserError
 from conftest import needs_selective_search, run_script
 
 
@@ -41,39 +41,39 @@ def test_filter_rules_on_known_boxes():
                           [0, 0, 160, 160],   # keep: sqrt area ratio exactly 0.8
                           [0, 0, 161, 161]],  # drop: 0.805
                          dtype=torch.float32)
-    assert proposals.filter_mask(boxes, 200, 200).tolist() == [True, False, True, False, False, True, False]
+    assert proposal_boxes.filter_mask(boxes, 200, 200).tolist() == [True, False, True, False, False, True, False]
 
 
 def test_nms_topk_and_fallback_on_known_boxes():
     boxes = torch.tensor([[0, 0, 50, 50], [1, 1, 51, 51], [100, 100, 150, 150], [0, 100, 40, 140],
                           [0, 0, 10, 10]], dtype=torch.float32)
     scores = torch.tensor([0.9, 0.8, 0.7, 0.95, 1.0])
-    kept, s, rule = proposals.select_proposals(boxes, scores, 200, 200, topk=10)
+    kept, s, rule = proposal_boxes.select_proposals(boxes, scores, 200, 200, topk=10)
     assert rule == "full" and s.tolist() == pytest.approx([0.95, 0.9, 0.7])  # B suppressed, E filtered
     assert kept.tolist() == [[0, 100, 40, 140], [0, 0, 50, 50], [100, 100, 150, 150]]
-    assert proposals.select_proposals(boxes, scores, 200, 200, topk=2)[0].tolist() == kept[:2].tolist()
+    assert proposal_boxes.select_proposals(boxes, scores, 200, 200, topk=2)[0].tolist() == kept[:2].tolist()
     one = torch.ones(1)
-    assert proposals.select_proposals(torch.tensor([[0., 0, 190, 190]]), one, 200, 200)[2] == "ratio_only"
-    assert proposals.select_proposals(torch.tensor([[0., 0, 150, 40]]), one, 200, 200)[2] == "min_size_only"
-    kept, s, rule = proposals.select_proposals(torch.tensor([[0., 0, 20, 20]]), one, 200, 200)
+    assert proposal_boxes.select_proposals(torch.tensor([[0., 0, 190, 190]]), one, 200, 200)[2] == "ratio_only"
+    assert proposal_boxes.select_proposals(torch.tensor([[0., 0, 150, 40]]), one, 200, 200)[2] == "min_size_only"
+    kept, s, rule = proposal_boxes.select_proposals(torch.tensor([[0., 0, 20, 20]]), one, 200, 200)
     assert rule == "none" and kept.shape == (0, 4) and s.shape == (0,)
 
 
 def test_random_boxes_pass_the_filter_and_follow_the_generator():
-    a = proposals.random_boxes(96, 120, 50, torch.Generator().manual_seed(1))
-    b = proposals.random_boxes(96, 120, 50, torch.Generator().manual_seed(1))
-    c = proposals.random_boxes(96, 120, 50, torch.Generator().manual_seed(2))
+    a = proposal_boxes.random_boxes(96, 120, 50, torch.Generator().manual_seed(1))
+    b = proposal_boxes.random_boxes(96, 120, 50, torch.Generator().manual_seed(1))
+    c = proposal_boxes.random_boxes(96, 120, 50, torch.Generator().manual_seed(2))
     assert a.shape == (50, 4) and a.dtype == torch.float32 and torch.equal(a, b) and not torch.equal(a, c)
-    assert proposals.filter_mask(a, 96, 120).all()
+    assert proposal_boxes.filter_mask(a, 96, 120).all()
     assert (a[:, :2] >= 0).all() and (a[:, 2] <= 96).all() and (a[:, 3] <= 120).all()
-    assert proposals.random_boxes(20, 300, 10, torch.Generator()).shape == (0, 4)
+    assert proposal_boxes.random_boxes(20, 300, 10, torch.Generator()).shape == (0, 4)
 
 
 @needs_selective_search
 def test_selective_search_boxes_are_in_original_pixels():
     rng = np.random.default_rng(0)
     image = np.asarray(Image.fromarray(rng.integers(0, 255, (12, 20, 3), dtype=np.uint8)).resize((1000, 600)))
-    boxes, scores = proposals.selective_search(image, max_side=100)
+    boxes, scores = proposal_boxes.selective_search(image, max_side=100)
     assert len(boxes) > 10 and (scores[:-1] > scores[1:]).all()
     assert boxes[:, 2].max() > 500 and boxes[:, 2].max() <= 1000 and boxes[:, 3].max() <= 600
 
@@ -81,7 +81,7 @@ def test_selective_search_boxes_are_in_original_pixels():
 def test_missing_opencv_contrib_gives_an_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", types.ModuleType("cv2"))  # OpenCV without ximgproc
     with pytest.raises(UserError, match="pip install opencv-contrib-python-headless"):
-        proposals.selective_search(np.zeros((64, 64, 3), np.uint8))
+        proposal_boxes.selective_search(np.zeros((64, 64, 3), np.uint8))
 
 
 def cli(capsys, *argv):
@@ -114,7 +114,7 @@ def test_cli_writes_a_coco_file_whose_boxes_pass_the_filter(tmp_path, capsys, me
         boxes = loaded[im["id"]]
         assert len(boxes) == len(anns)
         if len(anns):  # no image here needs the fallback rules: the full filter holds on every box
-            assert proposals.filter_mask(boxes, im["width"], im["height"]).all()
+            assert proposal_boxes.filter_mask(boxes, im["width"], im["height"]).all()
             x, y, w, h = anns[0]["bbox"]
             assert boxes[0].tolist() == pytest.approx([x, y, x + w, y + h], abs=0.01)
 

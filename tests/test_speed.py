@@ -9,8 +9,8 @@ import torch
 
 from common import coco_eval, engine, synthetic
 from common.coco import CocoDetection
-from common.cli import UserError
 from common.detectors import PresizedTransform, build_detector, pad_multiple_for
+from common.errors import UserError
 from common.loader import collate_detection
 from common.transforms import to_float_batch, train_augment, train_resize
 from conftest import run_script
