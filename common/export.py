@@ -52,13 +52,13 @@ def usage(fmt, holds, meta, path):
     if fmt == "timm":
         return f"timm.create_model('{backbone}', pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file='{path}'))"
     if fmt == "torchvision":
+        load = f"torch.load('{path}', weights_only=True)"
         if detector:
             return (f"the same {meta.get('detector', 'detector')} from torchvision.models.detection on "
                     f"resnet_fpn_backbone('{backbone}')" + f", box head {meta.get('box_head')}" * ('box_head' in meta)
-                    + f", {k} + 1 classes" * (k is not None) + f": model.load_state_dict(torch.load('{path}', "
-                    "weights_only=True), strict=False) (its missing_keys: the parts the checkpoint does not hold)")
-        return (f"torchvision.models.{backbone}().load_state_dict(torch.load('{path}', weights_only=True), "
-                "strict=False)  # fc.* missing")
+                    + f", {k} + 1 classes" * (k is not None) + f": model.load_state_dict({load}, strict=False) "
+                    "(its missing_keys: the parts the checkpoint does not hold)")
+        return f"torchvision.models.{backbone}().load_state_dict({load}, strict=False)  # fc.* missing"
     if fmt == "detectron2":
         line = (f"MODEL.WEIGHTS {path} MODEL.RESNETS.DEPTH {depth}" + " MODEL.RESNETS.RES2_OUT_CHANNELS 64" * (depth < 50)
                 + f" MODEL.RESNETS.STRIDE_IN_1X1 False MODEL.PIXEL_MEAN \"{PIXEL_MEAN}\" MODEL.PIXEL_STD \"{PIXEL_STD}\""

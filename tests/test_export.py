@@ -333,7 +333,7 @@ def test_every_scripts_checkpoint_exports_to_every_format_and_reads_back_the_sam
             cli.run(export.main, export.get_args_parser(), [path, "--to", fmt, "--out", out])
             printed = capsys.readouterr().out
             holds = "backbone" if fmt == "timm" or script == "montage.py" else "detector"
-            assert f"{out}: {fmt}, the {holds}" in printed and f"use it: " in printed, printed
+            assert f"{out}: {fmt}, the {holds}" in printed and "use it: " in printed, printed
             exported = read_as_framework(fmt, out)
             # every tensor of the parts the file holds, under a name of the framework's model, at its shape
             written = [k for k in state if (holds == "detector" or part_of(k) == "backbone")
