@@ -331,21 +331,16 @@ def test_a_short_run_warms_up_over_a_tenth_of_it_unless_told(shapes, tmp_path, m
                 "sets it)" in printed) == (warmup == 3)
 
 
-def test_resume_continues_with_identical_losses_and_fixed_lr(shapes, tmp_path):
-    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+def test_the_lr_is_fixed_after_the_warm_up_and_the_meta_counts_the_run(shapes, tmp_path):
+    """Direct's fixed lr after a warm-up from 0.01 x lr (its official configs; sec. 3.4: the lr scaled linearly),
+    read off the run's log. Its exact resume is tested with every script's in test_faults.py (a kill, a
+    preemption, then a resume reproduce the uninterrupted run)."""
+    full = str(tmp_path / "full")
     run_script("direct.py", *PRE, *shapes, "--max-iters", "5", "--output-dir", full)
-    run_script("direct.py", *PRE, *shapes, "--max-iters", "2", "--output-dir", part)
-    run_script("direct.py", *PRE, *shapes, "--max-iters", "5", "--output-dir", part, "--resume", "auto")
-    a, b = iteration_losses(full), iteration_losses(part)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    # a resume is the same computation (the checkpoint's exact weights, optimizer state and random streams, the
-    # same kernels in the same order): bit-identical, seen through log.txt's 6 decimals (rel 1e-6: its last one)
-    for it in (3, 4, 5):
-        assert b[it] == pytest.approx(a[it], rel=1e-6), (it, a, b)
     lrs = iteration_losses(full, "lr")  # the lr of iteration i - 1; global batch 2 -> 0.08 x 2 / 64
     assert lrs[1] == pytest.approx(0.0025 * 0.01) and lrs[2] < 0.0025
     assert [lrs[i] for i in (3, 4, 5)] == pytest.approx([0.0025] * 3)
-    meta = torch.load(os.path.join(part, "model_final.pth"), weights_only=True)["meta"]
+    meta = torch.load(os.path.join(full, "model_final.pth"), weights_only=True)["meta"]
     assert (meta["method"], meta["iterations"], meta["images_seen"]) == ("direct", 5, 10)
     assert claims.PRETEXT_LOSS["direct"] in meta["losses_last"]  # the learning check reads what the script logs
 
