@@ -70,13 +70,25 @@ def _stop_group(proc, sig=signal.SIGTERM):
     return err
 
 
-def _wait_for_iteration(proc, out, iteration, timeout=300):
+def _logged_since(out, resumes):
+    """The last iteration log.txt holds after its ``resumes``-th "resumed" record (0: from its start)."""
+    seen, last = 0, 0
+    for rec in read_jsonl(os.path.join(out, "log.txt")):
+        seen += "resumed" in rec
+        if seen >= resumes and "loss" in rec and "epoch" not in rec:
+            last = max(last, rec["iteration"])
+    return last
+
+
+def _wait_for_iteration(proc, out, iteration, resumes=0, timeout=300):
+    """Until ``proc`` logs ``iteration``; a resumed run (``resumes`` > 0) counts only what it logged itself, not
+    the records a killed predecessor left past the checkpoint (which the resume drops once it has started)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"exited early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
         try:
-            if max(iteration_losses(out), default=0) >= iteration:
+            if _logged_since(out, resumes) >= iteration:
                 return
         except (OSError, json.JSONDecodeError):
             pass
@@ -103,7 +115,7 @@ def test_kill_and_preemption_then_resume_reproduce_the_uninterrupted_run(script,
     # resume with a DataLoader worker (a flag that leaves the run as it was), then SIGTERM to the process group
     # (preemption): the worker leaves it to the main process, which checkpoints at the next iteration boundary
     proc = _start(script, flags, cut, resume=True, workers=1)
-    _wait_for_iteration(proc, cut, 4)
+    _wait_for_iteration(proc, cut, 4, resumes=1)
     err = _stop_group(proc)
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped by SIGTERM at iteration" in err and "--resume auto" in err
